@@ -1,0 +1,189 @@
+"""Frozen, self-validating configuration dataclasses and presets.
+
+Every config checks all of its fields in ``__post_init__`` and raises ``ValueError`` naming the field, the
+value and what is allowed, so that a bad config fails before anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+NORM_SCHEMES = ("pre", "sandwich")
+INJECTIONS = ("none", "add", "concat")
+REMAT_POLICIES = ("none", "full", "save_dots", "minimal", "save_qkv")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{field}={value!r}: must be {allowed}")
+
+
+def _check_int(field: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field, value, f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]")
+    if value < lo or (hi is not None and value > hi):
+        _fail(field, value, f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]")
+
+
+def _check_float(field: str, value: Any, lo: float, hi: float | None = None, lo_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        lo_s = f"> {lo}" if lo_open else f">= {lo}"
+        _fail(field, value, f"a float {lo_s}" + ("" if hi is None else f" and <= {hi}"))
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        near = difflib.get_close_matches(str(value), choices, n=2)
+        hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+        _fail(field, value, f"one of {choices}{hint}")
+
+
+def replace_checked(cfg: Any, **overrides: Any) -> Any:
+    """``dataclasses.replace`` that names near matches for an unknown field instead of a bare TypeError."""
+    names = [f.name for f in dataclasses.fields(cfg)]
+    for key in overrides:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=3)
+            raise ValueError(f"unknown field {key!r} for {type(cfg).__name__}; nearest: {near or names}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopedConfig:
+    """Architecture of a looped LM: embed → prelude → core (k shared layers × n_loops) → coda → head.
+
+    Fields:
+      vocab_size, d_model, n_heads: usual transformer sizes.
+      n_kv_heads: key/value heads for GQA (None = n_heads); must divide n_heads.
+      head_dim: per-head width (None = d_model // n_heads, which then must divide exactly).
+      d_ff: hidden width of the SwiGLU MLP.
+      n_layers: k, the unique layers of the shared core.
+      n_loops: L, the default number of core applications (a call may pass any other count).
+      max_seq_len: longest sequence the model is built for (rope tables and caches).
+      n_prelude / n_coda: layers with their own weights before / after the core.
+      norm_scheme: "pre" (x + f(norm(x))) or "sandwich" (x + norm2(f(norm1(x))), Ouro).
+      step_norm: apply the output norm at the end of every loop and carry the normed state (Ouro).
+      input_injection: "none", "add" (core input = h + e) or "concat" (core input = W[h; e]), where e is the
+        prelude output; with injection the loop starts from h_0 = 0, otherwise from h_0 = e.
+      rope_theta, rms_eps: rotary base and RMSNorm epsilon.
+      tie_embeddings: share the token embedding with the LM head.
+      sliding_window: attention window in tokens (None = full causal attention); applies to every layer.
+      param_dtype / compute_dtype: "float32", "bfloat16" or "float16".
+      remat_policy: rematerialisation of each loop iteration: "none", "full" (save nothing), "save_dots" (save
+        all matmul outputs), "minimal" (save matmuls without batch dims: projections and MLP, not attention
+        scores), "save_qkv" (save only the q/k/v projections, by their checkpoint names).
+      scan_unroll: iterations per scan step passed to ``lax.scan(unroll=...)``; True unrolls fully.
+      exit_gate: build the Ouro exit gate Linear(d_model, 1) read after every loop.
+      init_std: stddev of the normal init of weight matrices.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int = 512
+    n_layers: int = 2
+    n_loops: int = 4
+    max_seq_len: int = 256
+    n_prelude: int = 0
+    n_coda: int = 0
+    norm_scheme: str = "pre"
+    step_norm: bool = False
+    input_injection: str = "none"
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = True
+    sliding_window: int | None = None
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat_policy: str = "full"
+    scan_unroll: int | bool = 1
+    exit_gate: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check_int("vocab_size", self.vocab_size, 2)
+        _check_int("d_model", self.d_model, 1)
+        _check_int("n_heads", self.n_heads, 1)
+        if self.n_kv_heads is not None:
+            _check_int("n_kv_heads", self.n_kv_heads, 1)
+            if self.n_heads % self.n_kv_heads:
+                _fail("n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                _fail("n_heads", self.n_heads, f"a divisor of d_model={self.d_model} when head_dim is unset")
+            if (self.d_model // self.n_heads) % 2:
+                _fail("head_dim", self.d_model // self.n_heads, "even (rotary pairs the two halves)")
+        else:
+            _check_int("head_dim", self.head_dim, 2)
+            if self.head_dim % 2:
+                _fail("head_dim", self.head_dim, "even (rotary pairs the two halves)")
+        _check_int("d_ff", self.d_ff, 1)
+        _check_int("n_layers", self.n_layers, 1)
+        _check_int("n_loops", self.n_loops, 1)
+        _check_int("max_seq_len", self.max_seq_len, 1)
+        _check_int("n_prelude", self.n_prelude, 0)
+        _check_int("n_coda", self.n_coda, 0)
+        _check_choice("norm_scheme", self.norm_scheme, NORM_SCHEMES)
+        if not isinstance(self.step_norm, bool):
+            _fail("step_norm", self.step_norm, "a bool")
+        _check_choice("input_injection", self.input_injection, INJECTIONS)
+        _check_float("rope_theta", self.rope_theta, 1.0)
+        _check_float("rms_eps", self.rms_eps, 0.0, 1.0)
+        if not isinstance(self.tie_embeddings, bool):
+            _fail("tie_embeddings", self.tie_embeddings, "a bool")
+        if self.sliding_window is not None:
+            _check_int("sliding_window", self.sliding_window, 1)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("compute_dtype", self.compute_dtype, DTYPES)
+        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        if not isinstance(self.scan_unroll, bool):
+            _check_int("scan_unroll", self.scan_unroll, 1)
+        if not isinstance(self.exit_gate, bool):
+            _fail("exit_gate", self.exit_gate, "a bool")
+        _check_float("init_std", self.init_std, 0.0)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    def replace(self, **overrides: Any) -> LoopedConfig:
+        """A copy with some fields changed (validated; unknown names raise with near matches)."""
+        return replace_checked(self, **overrides)
+
+
+def tiny(**overrides: Any) -> LoopedConfig:
+    """A model that trains in seconds on a CPU: 2 shared layers of width 64, 4 loops."""
+    base = dict(vocab_size=256, d_model=64, n_heads=4, n_kv_heads=2, d_ff=256, n_layers=2, n_loops=4,
+                max_seq_len=128)
+    base.update(overrides)
+    return LoopedConfig(**base)
+
+
+def _ouro(n_layers: int, **overrides: Any) -> LoopedConfig:
+    base = dict(vocab_size=49152, d_model=2048, n_heads=16, n_kv_heads=16, head_dim=128, d_ff=5632,
+                n_layers=n_layers, n_loops=4, max_seq_len=65536, norm_scheme="sandwich", step_norm=True,
+                input_injection="none", rope_theta=1e6, rms_eps=1e-6, tie_embeddings=False, exit_gate=True,
+                param_dtype="bfloat16", compute_dtype="bfloat16")
+    base.update(overrides)
+    return LoopedConfig(**base)
+
+
+def ouro_1_4b(**overrides: Any) -> LoopedConfig:
+    """ByteDance Ouro-1.4B: 24 sandwich-norm layers looped 4 times, step norm, exit gate, untied head."""
+    return _ouro(24, **overrides)
+
+
+def ouro_2_6b(**overrides: Any) -> LoopedConfig:
+    """ByteDance Ouro-2.6B: as Ouro-1.4B with 48 layers."""
+    return _ouro(48, **overrides)

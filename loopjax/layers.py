@@ -1,0 +1,166 @@
+"""Transformer building blocks: RMSNorm, rotary embedding, GQA attention, SwiGLU MLP, decoder layer.
+
+Shapes: B batch, S query positions, T key positions, D d_model, N query heads, K kv heads, G = N // K query
+heads per kv head, H head dim, F d_ff. Every parameter carries ``logical_axes`` metadata that
+``sharding.py`` maps onto mesh axes. Matmul outputs are tagged with ``checkpoint_name`` so named remat
+policies can keep or drop them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from loopjax.config import LoopedConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype(name: str) -> jnp.dtype:
+    """The jnp dtype for a config dtype name."""
+    return _DTYPES[name]
+
+
+def make_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float,
+               param_dtype: str) -> nnx.Param:
+    """A normally initialised weight annotated with its logical axes."""
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype(param_dtype)), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x²) + eps) * scale, statistics in float32, result cast back before the scale (as HF)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: str = "float32"):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype(param_dtype)), logical_axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_cos_sin(positions_BS: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Rotary tables for integer positions: cos and sin, each [B, S, H/2], float32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BSh = positions_BS.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles_BSh), jnp.sin(angles_BSh)
+
+
+def apply_rope(x_BSNH: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array) -> jax.Array:
+    """Rotate the two halves of the head dim (HF/Llama "rotate_half" form, not interleaved pairs)."""
+    half = x_BSNH.shape[-1] // 2
+    x1, x2 = x_BSNH[..., :half], x_BSNH[..., half:]
+    cos = cos_BSh[:, :, None, :].astype(x_BSNH.dtype)
+    sin = sin_BSh[:, :, None, :].astype(x_BSNH.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_mask(q_pos_BS: jax.Array, k_pos_BT: jax.Array, k_valid_BT: jax.Array | None = None,
+                   window: int | None = None) -> jax.Array:
+    """Boolean [B, S, T]: key t is visible to query s (causal by position, inside the window, not padding)."""
+    q = q_pos_BS[:, :, None]
+    k = k_pos_BT[:, None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= (q - k) < window
+    if k_valid_BT is not None:
+        mask &= k_valid_BT[:, None, :].astype(bool)
+    return mask
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query attention without biases; optional sliding window via the mask."""
+
+    def __init__(self, cfg: LoopedConfig, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
+        self.n_heads, self.n_kv_heads, self.head_dim = n, k, h
+        self.compute_dtype = dtype(cfg.compute_dtype)
+        std, pd = cfg.init_std, cfg.param_dtype
+        self.wq = make_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, pd)
+        self.wk = make_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wv = make_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wo = make_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** 0.5, pd)
+
+    def project(self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array):
+        """q [B,S,N,H], k and v [B,S,K,H]; rotary applied to q and k."""
+        cdt = self.compute_dtype
+        x = x_BSD.astype(cdt)
+        q = checkpoint_name(jnp.einsum("bsd,dnh->bsnh", x, self.wq[...].astype(cdt)), "query_proj")
+        k = checkpoint_name(jnp.einsum("bsd,dkh->bskh", x, self.wk[...].astype(cdt)), "key_proj")
+        v = checkpoint_name(jnp.einsum("bsd,dkh->bskh", x, self.wv[...].astype(cdt)), "value_proj")
+        return apply_rope(q, cos_BSh, sin_BSh), apply_rope(k, cos_BSh, sin_BSh), v
+
+    def attend(self, q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, mask_BST: jax.Array) -> jax.Array:
+        """Softmax attention (float32 scores) of q over k/v, then the output projection: [B, S, D]."""
+        b, s, n, h = q_BSNH.shape
+        kv = k_BTKH.shape[2]
+        q = q_BSNH.reshape(b, s, kv, n // kv, h)  # query head j uses kv head j // G
+        scores = jnp.einsum("bskgh,btkh->bkgst", q, k_BTKH, preferred_element_type=jnp.float32)
+        scores = scores * (h ** -0.5)
+        big_neg = jnp.finfo(jnp.float32).min
+        scores = jnp.where(mask_BST[:, None, None, :, :], scores, big_neg)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_BTKH.dtype)
+        out = jnp.einsum("bkgst,btkh->bskgh", probs, v_BTKH).reshape(b, s, n, h)
+        out = jnp.einsum("bsnh,nhd->bsd", out, self.wo[...].astype(out.dtype))
+        return checkpoint_name(out, "attn_out")
+
+    def __call__(self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array) -> jax.Array:
+        q, k, v = self.project(x_BSD, cos_BSh, sin_BSh)
+        return self.attend(q, k, v, mask_BSS)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: LoopedConfig, rngs: nnx.Rngs):
+        d, f, std, pd = cfg.d_model, cfg.d_ff, cfg.init_std, cfg.param_dtype
+        self.compute_dtype = dtype(cfg.compute_dtype)
+        self.w_gate = make_param(rngs, (d, f), ("embed", "mlp"), std, pd)
+        self.w_up = make_param(rngs, (d, f), ("embed", "mlp"), std, pd)
+        self.w_down = make_param(rngs, (f, d), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5, pd)
+
+    def __call__(self, x_BSD: jax.Array) -> jax.Array:
+        cdt = self.compute_dtype
+        x = x_BSD.astype(cdt)
+        gate = checkpoint_name(x @ self.w_gate[...].astype(cdt), "mlp_gate")
+        up = checkpoint_name(x @ self.w_up[...].astype(cdt), "mlp_up")
+        return checkpoint_name((jax.nn.silu(gate) * up) @ self.w_down[...].astype(cdt), "mlp_out")
+
+
+class DecoderLayer(nnx.Module):
+    """Attention + MLP residual block.
+
+    pre:      h = h + attn(norm_in(h));            h = h + mlp(norm_post(h))
+    sandwich: h = h + norm_in2(attn(norm_in(h)));  h = h + norm_post2(mlp(norm_post(h)))   (Ouro)
+    """
+
+    def __init__(self, cfg: LoopedConfig, rngs: nnx.Rngs):
+        d, eps, pd = cfg.d_model, cfg.rms_eps, cfg.param_dtype
+        self.attn = Attention(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+        self.norm_in = RMSNorm(d, eps, pd)
+        self.norm_post = RMSNorm(d, eps, pd)
+        sandwich = cfg.norm_scheme == "sandwich"
+        self.norm_in2 = RMSNorm(d, eps, pd) if sandwich else None
+        self.norm_post2 = RMSNorm(d, eps, pd) if sandwich else None
+
+    def attn_residual(self, h_BSD: jax.Array, attn_out_BSD: jax.Array) -> jax.Array:
+        """Add the attention output to the residual stream (through norm_in2 under the sandwich scheme)."""
+        if self.norm_in2 is not None:
+            attn_out_BSD = self.norm_in2(attn_out_BSD)
+        return h_BSD + attn_out_BSD.astype(h_BSD.dtype)
+
+    def mlp_residual(self, h_BSD: jax.Array) -> jax.Array:
+        """The MLP half of the layer, residual included."""
+        y = self.mlp(self.norm_post(h_BSD))
+        if self.norm_post2 is not None:
+            y = self.norm_post2(y)
+        return h_BSD + y.astype(h_BSD.dtype)
+
+    def __call__(self, h_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array) -> jax.Array:
+        h_BSD = self.attn_residual(h_BSD, self.attn(self.norm_in(h_BSD), cos_BSh, sin_BSh, mask_BSS))
+        return self.mlp_residual(h_BSD)

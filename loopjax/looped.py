@@ -1,0 +1,128 @@
+"""The shared core: k decoder layers applied n_loops times as one ``lax.scan`` over the loop index.
+
+What is shared and what is per iteration: the core's parameters (its k layers, the step norm, the exit gate,
+the injection adapter) are the same object in every iteration and are closed over by the scan body; only the
+hidden state h [B, S, D] is carried. Each iteration is wrapped in ``jax.checkpoint`` with the configured
+named policy, so activation memory, parameter count and compile time do not grow with the loop count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from loopjax.config import LoopedConfig
+from loopjax.layers import DecoderLayer, RMSNorm, dtype, make_param
+
+_CKPT = jax.checkpoint_policies
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": _CKPT.nothing_saveable,
+    "save_dots": _CKPT.checkpoint_dots,
+    "minimal": _CKPT.dots_with_no_batch_dims_saveable,
+    "save_qkv": _CKPT.save_only_these_names("query_proj", "key_proj", "value_proj"),
+}
+
+
+def remat(fn: Callable, policy_name: str, *, in_scan: bool) -> Callable:
+    """Wrap ``fn`` in ``jax.checkpoint`` under a named policy (identity for "none")."""
+    if policy_name == "none":
+        return fn
+    # Inside scan the loop already stops CSE across iterations, so prevent_cse would only cost speed.
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy_name], prevent_cse=not in_scan)
+
+
+class ExitGate(nnx.Module):
+    """Ouro's exit gate: Linear(d_model, 1) with bias on the step state, a float32 logit per token."""
+
+    def __init__(self, cfg: LoopedConfig, rngs: nnx.Rngs):
+        self.w = make_param(rngs, (cfg.d_model,), ("embed",), cfg.init_std, cfg.param_dtype)
+        self.b = nnx.Param(jnp.zeros((), dtype(cfg.param_dtype)), logical_axes=())
+
+    def __call__(self, x_BSD: jax.Array) -> jax.Array:
+        w = self.w[...].astype(x_BSD.dtype)
+        return jnp.einsum("bsd,d->bs", x_BSD, w, preferred_element_type=jnp.float32) + self.b[...].astype(jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CoreOutput:
+    """What the core returns.
+
+    state_BSD: the carried state after the last loop (with step norm, identical to ``out_BSD``).
+    out_BSD: the read-out state of the last loop (step-normed state, or norm(state) without step norm).
+    step_out_TBSD: ``out`` after every loop, when recorded.
+    gate_TBS: exit-gate logits after every loop (None without a gate).
+    """
+
+    state_BSD: jax.Array
+    out_BSD: jax.Array
+    step_out_TBSD: jax.Array | None = None
+    gate_TBS: jax.Array | None = None
+
+
+class LoopedCore(nnx.Module):
+    """k shared decoder layers, the output/step norm, the exit gate and the input-injection adapter."""
+
+    def __init__(self, cfg: LoopedConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype)
+        self.gate = ExitGate(cfg, rngs) if cfg.exit_gate else None
+        d = cfg.d_model
+        self.adapter = (make_param(rngs, (2 * d, d), ("mlp", "embed"), cfg.init_std, cfg.param_dtype)
+                        if cfg.input_injection == "concat" else None)
+
+    def initial_state(self, e_BSD: jax.Array) -> jax.Array:
+        """h_0: the embedding (no injection) or zeros (the embedding re-enters at every loop instead)."""
+        return e_BSD if self.cfg.input_injection == "none" else jnp.zeros_like(e_BSD)
+
+    def inject(self, h_BSD: jax.Array, e_BSD: jax.Array) -> jax.Array:
+        """The core's input at one loop: h, h + e, or W[h; e]."""
+        if self.cfg.input_injection == "add":
+            return h_BSD + e_BSD
+        if self.cfg.input_injection == "concat":
+            he = jnp.concatenate([h_BSD, e_BSD], axis=-1)
+            return (he @ self.adapter[...].astype(he.dtype)).astype(h_BSD.dtype)
+        return h_BSD
+
+    def step(self, h_BSD: jax.Array, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
+             mask_BSS: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """One loop: (new carried state, read-out state, gate logit [B, S] or None)."""
+        x = self.inject(h_BSD, e_BSD)
+        for layer in self.layers:
+            x = layer(x, cos_BSh, sin_BSh, mask_BSS)
+        out = self.norm(x)
+        new_h = out if self.cfg.step_norm else x
+        gate = self.gate(out) if self.gate is not None else None
+        return new_h, out, gate
+
+    def __call__(self, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array, *,
+                 n_loops: int, record_steps: bool = False, use_scan: bool = True) -> CoreOutput:
+        """Run ``n_loops`` iterations from ``initial_state(e)``; ``use_scan=False`` is the unrolled Python loop."""
+        graphdef, state = nnx.split(self)
+
+        def body(state, h, e, cos, sin, mask):
+            return nnx.merge(graphdef, state).step(h, e, cos, sin, mask)
+
+        body = remat(body, self.cfg.remat_policy, in_scan=use_scan)
+
+        def loop_fn(h, _):
+            h, out, gate = body(state, h, e_BSD, cos_BSh, sin_BSh, mask_BSS)
+            return h, (out if record_steps else None, gate)
+
+        h0 = self.initial_state(e_BSD)
+        if use_scan:
+            h, (step_out, gates) = jax.lax.scan(loop_fn, h0, length=n_loops, unroll=self.cfg.scan_unroll)
+        else:
+            h, ys = h0, []
+            for _ in range(n_loops):
+                h, y = loop_fn(h, None)
+                ys.append(y)
+            step_out, gates = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else (None, None)
+        out = h if self.cfg.step_norm else self.norm(h)
+        return CoreOutput(state_BSD=h, out_BSD=out, step_out_TBSD=step_out, gate_TBS=gates)

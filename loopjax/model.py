@@ -1,0 +1,130 @@
+"""``LoopedLM``: token embedding → prelude → looped core → coda → final norm → LM head."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from loopjax.config import LoopedConfig
+from loopjax.halting import exit_distribution
+from loopjax.layers import DecoderLayer, RMSNorm, attention_mask, dtype, make_param, rope_cos_sin
+from loopjax.looped import LoopedCore
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoopedOutput:
+    """Outputs of ``LoopedLM.__call__`` (T = loops run, B batch, S sequence, D d_model, V vocab).
+
+    logits: [B, S, V] float32 logits read out after the final loop.
+    hidden: [B, S, D] the read-out state of the final loop (what the coda / head consume).
+    step_logits: [T, B, S, V] logits after each loop; only with ``return_steps=True``.
+    step_hidden: [T, B, S, D] read-out state after each loop; only with ``return_steps=True``.
+    gate_logits: [B, S, T] exit-gate logits after each loop; None when the config has no exit gate.
+    exit_pdf: [B, S, T] stick-breaking exit distribution from ``gate_logits``; None without a gate.
+    exit_step: [B, S] int32, the loop (1..T) each token's logits were read from; None for plain calls.
+    n_iterations: scalar int32, loop iterations executed; None for plain calls.
+    """
+
+    logits: jax.Array
+    hidden: jax.Array
+    step_logits: jax.Array | None = None
+    step_hidden: jax.Array | None = None
+    gate_logits: jax.Array | None = None
+    exit_pdf: jax.Array | None = None
+    exit_step: jax.Array | None = None
+    n_iterations: jax.Array | None = None
+
+
+class LoopedLM(nnx.Module):
+    """A looped language model; parameters hold one core block however many loops a call runs.
+
+    Example::
+
+        cfg = lj.LoopedConfig(vocab_size=256, d_model=128, n_heads=4, n_layers=2, n_loops=4)
+        model = lj.LoopedLM(cfg, rngs=nnx.Rngs(0))
+        out = model(tokens_BS)                 # 4 loops
+        out = model(tokens_BS, n_loops=8)      # same weights, 8 loops
+    """
+
+    def __init__(self, cfg: LoopedConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, pd = cfg.d_model, cfg.param_dtype
+        self.embed = make_param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), cfg.init_std, pd)
+        self.prelude = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.n_prelude)])
+        self.core = LoopedCore(cfg, rngs)
+        self.coda = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.n_coda)])
+        self.coda_norm = RMSNorm(d, cfg.rms_eps, pd) if cfg.n_coda else None
+        self.lm_head = None if cfg.tie_embeddings else make_param(
+            rngs, (d, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
+
+    def embed_tokens(self, tokens_BS: jax.Array) -> jax.Array:
+        """Token embeddings in the compute dtype, [B, S, D] (unscaled, as Ouro)."""
+        return jnp.take(self.embed[...], tokens_BS, axis=0).astype(dtype(self.cfg.compute_dtype))
+
+    def head(self, x_BSD: jax.Array) -> jax.Array:
+        """LM head (tied or not): float32 logits [..., V]."""
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", x_BSD, w.astype(x_BSD.dtype), preferred_element_type=jnp.float32)
+
+    def readout(self, out_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array) -> jax.Array:
+        """Logits from a loop's read-out state: coda layers and their norm when present, then the head."""
+        x = out_BSD
+        for layer in self.coda:
+            x = layer(x, cos_BSh, sin_BSh, mask_BSS)
+        if self.coda_norm is not None:
+            x = self.coda_norm(x)
+        return self.head(x)
+
+    def rope_and_mask(self, positions_BS: jax.Array, attention_mask_BS: jax.Array | None):
+        """Rotary tables (computed once per forward, shared by every loop) and the [B, S, S] visibility mask."""
+        cos, sin = rope_cos_sin(positions_BS, self.cfg.d_head, self.cfg.rope_theta)
+        mask = attention_mask(positions_BS, positions_BS, attention_mask_BS, self.cfg.sliding_window)
+        return cos, sin, mask
+
+    def __call__(self, tokens_BS: jax.Array, *, n_loops: int | None = None, positions_BS: jax.Array | None = None,
+                 attention_mask_BS: jax.Array | None = None, return_steps: bool = False,
+                 use_scan: bool = True) -> LoopedOutput:
+        """Run the model on int tokens [B, S].
+
+        n_loops: loops to run (default ``cfg.n_loops``; any count >= 1, more than trained extrapolates).
+        positions_BS: token positions for rotary and causality (default 0..S-1 per row).
+        attention_mask_BS: 1 for real tokens, 0 for padding (keys at 0 are hidden from every query).
+        return_steps: also return per-loop ``step_logits`` and ``step_hidden``.
+        use_scan: False runs the loops as an unrolled Python loop (reference / benchmark path).
+        """
+        n_loops = self.cfg.n_loops if n_loops is None else n_loops
+        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+            raise ValueError(f"n_loops={n_loops!r}: must be an int >= 1")
+        if tokens_BS.ndim != 2:
+            raise ValueError(f"tokens_BS.shape={tokens_BS.shape}: must be [batch, seq]")
+        b, s = tokens_BS.shape
+        if s > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {s}: must be <= max_seq_len={self.cfg.max_seq_len}")
+        if positions_BS is None:
+            positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        cos, sin, mask = self.rope_and_mask(positions_BS, attention_mask_BS)
+
+        e = self.embed_tokens(tokens_BS)
+        for layer in self.prelude:
+            e = layer(e, cos, sin, mask)
+        core = self.core(e, cos, sin, mask, n_loops=n_loops, record_steps=return_steps, use_scan=use_scan)
+
+        logits = self.readout(core.out_BSD, cos, sin, mask)
+        step_logits = None
+        if return_steps:
+            step_logits = jax.vmap(lambda o: self.readout(o, cos, sin, mask))(core.step_out_TBSD)
+        gate_BST = exit_pdf = None
+        if core.gate_TBS is not None:
+            gate_BST = jnp.moveaxis(core.gate_TBS, 0, -1)
+            exit_pdf = exit_distribution(gate_BST)
+        return LoopedOutput(logits=logits, hidden=core.out_BSD, step_logits=step_logits,
+                            step_hidden=core.step_out_TBSD, gate_logits=gate_BST, exit_pdf=exit_pdf)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of scalar parameters (``nnx.Param``) in a model; independent of the loop count."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
