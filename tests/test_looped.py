@@ -1,0 +1,142 @@
+"""The scanned, rematerialised core against an independent plain Python loop over the same shared layers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import loopjax as lj
+
+VARIANTS = {
+    "pre": dict(),
+    "ouro": dict(norm_scheme="sandwich", step_norm=True),
+    "inject_add_prelude_coda": dict(input_injection="add", n_prelude=1, n_coda=1),
+    "inject_concat_untied": dict(input_injection="concat", tie_embeddings=False),
+}
+
+
+def _model(seed=0, **kw):
+    cfg = lj.tiny(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=64, init_std=0.2, **kw)
+    return lj.LoopedLM(cfg, rngs=nnx.Rngs(seed))
+
+
+def _tokens(b=2, s=10, seed=1, vocab=64):
+    return jax.random.randint(jax.random.key(seed), (b, s), 0, vocab)
+
+
+def reference_logits(model: lj.LoopedLM, tokens_BS, n_loops):
+    """Plain Python loop written from the architecture, not from LoopedCore.step."""
+    cfg, core = model.cfg, model.core
+    b, s = tokens_BS.shape
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    cos, sin, mask = model.rope_and_mask(pos, None)
+    e = model.embed[...][tokens_BS]
+    for layer in model.prelude:
+        e = layer(e, cos, sin, mask)
+    h = e if cfg.input_injection == "none" else jnp.zeros_like(e)
+    for _ in range(n_loops):
+        if cfg.input_injection == "add":
+            h = h + e
+        elif cfg.input_injection == "concat":
+            h = jnp.concatenate([h, e], -1) @ core.adapter[...]
+        for layer in core.layers:
+            h = layer(h, cos, sin, mask)
+        if cfg.step_norm:
+            h = core.norm(h)
+    x = h if cfg.step_norm else core.norm(h)
+    for layer in model.coda:
+        x = layer(x, cos, sin, mask)
+    if model.coda_norm is not None:
+        x = model.coda_norm(x)
+    w = model.embed[...].T if model.lm_head is None else model.lm_head[...]
+    return x @ w
+
+
+def _ce(logits, tokens):
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_scan_equals_python_loop_forward_and_grads(variant):
+    model = _model(**VARIANTS[variant])
+    tokens = _tokens()
+    np.testing.assert_allclose(model(tokens, n_loops=3).logits, reference_logits(model, tokens, 3), atol=1e-5)
+
+    g_scan = nnx.grad(lambda m: _ce(m(tokens, n_loops=3).logits, tokens))(model)
+    g_ref = nnx.grad(lambda m: _ce(reference_logits(m, tokens, 3), tokens))(model)
+    flat_scan, flat_ref = nnx.to_flat_state(g_scan), nnx.to_flat_state(g_ref)
+    assert [k for k, _ in flat_scan] == [k for k, _ in flat_ref]
+    for (path, a), (_, b) in zip(flat_scan, flat_ref):
+        np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
+        if "gate" not in path:  # the gate does not feed the logits
+            assert float(jnp.abs(b[...]).max()) > 0, path
+
+
+def test_unrolled_path_equals_scan():
+    model = _model(norm_scheme="sandwich", step_norm=True)
+    tokens = _tokens()
+    a = model(tokens, n_loops=4, return_steps=True)
+    b = model(tokens, n_loops=4, return_steps=True, use_scan=False)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["pre", "ouro"])
+def test_step_logits_equal_shorter_calls(variant):
+    model = _model(**VARIANTS[variant])
+    tokens = _tokens()
+    out = model(tokens, n_loops=5, return_steps=True)
+    assert out.step_logits.shape == (5, 2, 10, 64) and out.step_hidden.shape == (5, 2, 10, 32)
+    for t in range(5):
+        short = model(tokens, n_loops=t + 1)
+        np.testing.assert_allclose(out.step_logits[t], short.logits, atol=1e-5)
+        np.testing.assert_allclose(out.gate_logits[..., : t + 1], short.gate_logits, atol=1e-5)
+
+
+def test_param_count_independent_of_loops_and_holds_k_layers():
+    cfg = lj.tiny(n_layers=3)
+    counts = {lj.count_params(lj.LoopedLM(cfg.replace(n_loops=n), rngs=nnx.Rngs(0))) for n in (1, 4, 16)}
+    assert len(counts) == 1
+    d, f, n, k, h, v = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.vocab_size
+    per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + 2 * d
+    expected = v * d + 3 * per_layer + d + (d + 1)  # embed (tied) + k layers + norm + gate
+    assert counts == {expected}
+    # the same module runs any loop count without new parameters
+    model = lj.LoopedLM(cfg, rngs=nnx.Rngs(0))
+    tokens = _tokens(vocab=cfg.vocab_size)
+    for loops in (1, 4, 16):
+        assert model(tokens, n_loops=loops).logits.shape == (2, 10, cfg.vocab_size)
+    assert lj.count_params(model) == expected
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "save_dots", "minimal", "save_qkv"])
+def test_every_remat_policy_gives_same_loss_and_grads(policy):
+    tokens = _tokens()
+    base = _model(remat_policy="none", norm_scheme="sandwich", step_norm=True)
+    model = _model(remat_policy=policy, norm_scheme="sandwich", step_norm=True)
+
+    def loss(m):
+        out = m(tokens, n_loops=3, return_steps=True)
+        return _ce(out.logits, tokens) + 0.1 * out.exit_pdf.mean() + 0.01 * out.step_hidden.sum()
+
+    (l0, g0), (l1, g1) = nnx.value_and_grad(loss)(base), nnx.value_and_grad(loss)(model)
+    np.testing.assert_allclose(l1, l0, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_remat_policy_is_applied_in_the_jaxpr():
+    tokens = _tokens()
+    for policy, expect in (("none", False), ("full", True)):
+        model = _model(remat_policy=policy)
+        graphdef, state = nnx.split(model)
+        jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens).logits.sum())(state))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == expect
+
+
+def test_loops_beyond_config_extrapolate_and_stay_finite():
+    model = _model()
+    out = model(_tokens(), n_loops=3 * model.cfg.n_loops)
+    assert np.isfinite(np.asarray(out.logits)).all()
