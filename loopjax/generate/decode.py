@@ -1,0 +1,197 @@
+"""Cached forward passes: ``prefill`` (the whole prompt, all loop steps) and ``decode_step`` (one token per row).
+
+Both are pure functions of a merged ``LoopedLM`` (called inside ``jax.jit``) built from the model's own pieces:
+``Attention.project`` / ``attend``, ``DecoderLayer.attn_residual`` / ``mlp_residual``, ``LoopedCore.inject`` /
+``norm`` / ``gate``, ``LoopedLM.embed_tokens`` / ``head``, so cached decoding computes what ``LoopedLM.__call__``
+computes. Shapes: B batch, S prompt length, C cache length, D d_model, V vocab, T loop steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from loopjax.generate.cache import KVCache, fill_skipped_steps, write_slot, write_slot_rows
+from loopjax.generate.exits import step_fires
+from loopjax.layers import DecoderLayer, attention_mask, rope_cos_sin
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What a prefill or decode step returns besides the cache.
+
+    logits_BV: float32 logits of each row's last token, read out at its exit step.
+    exit_step_B: int32, the loop (1..T) whose state was read out (0 for rows that were not live).
+    n_iterations: int32 scalar, loop iterations the batch executed.
+    """
+
+    logits_BV: jax.Array
+    exit_step_B: jax.Array
+    n_iterations: jax.Array
+
+
+def _layer_chunk(layer: DecoderLayer, x_BSD, cos, sin, mask_BSS):
+    """A decoder layer over a whole chunk attending to itself; also returns its k and v [B, S, K, H]."""
+    q, k, v = layer.attn.project(layer.norm_in(x_BSD), cos, sin)
+    x_BSD = layer.attn_residual(x_BSD, layer.attn.attend(q, k, v, mask_BSS))
+    return layer.mlp_residual(x_BSD), k, v
+
+
+def _layer_cached(layer: DecoderLayer, x_B1D, cos, sin, mask_B1C, ck, cv, read_slot, write):
+    """A decoder layer for one new token per row: ``write(ck, cv, k, v)`` stores its KV, then it attends to slot
+    ``read_slot`` of the cache."""
+    q, k, v = layer.attn.project(layer.norm_in(x_B1D), cos, sin)
+    ck, cv = write(ck, cv, k, v)
+    keys = jax.lax.dynamic_index_in_dim(ck, read_slot, 0, keepdims=False)
+    values = jax.lax.dynamic_index_in_dim(cv, read_slot, 0, keepdims=False)
+    x_B1D = layer.attn_residual(x_B1D, layer.attn.attend(q, keys, values, mask_B1C))
+    return layer.mlp_residual(x_B1D), ck, cv
+
+
+def _select(fires, open_, out_new, out_sel, exit_step, t):
+    """Read out the state of tokens whose rule fires now; ``open_`` marks tokens not yet read out."""
+    take = open_ & fires
+    out_sel = jnp.where(take[..., None], out_new, out_sel)
+    exit_step = jnp.where(take, t + 1, exit_step)
+    return out_sel, exit_step, open_ & ~fires
+
+
+def _core_slot(kv_mode: str, n_layers: int, t, l: int):
+    return l if kv_mode == "last_step" else t * n_layers + l
+
+
+def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, n_loops: int, kv_mode: str,
+            exit_rule: Any) -> tuple[KVCache, StepOutput]:
+    """Run the prompt through every loop step, fill the cache from index 0, and read out the last token.
+
+    tokens_BS, mask_BS: a left-padded prompt and its mask (1 = token); positions are cumsum(mask) − 1.
+    Every prompt token runs all ``n_loops`` steps in every KV mode (exact KV for all steps); the exit rule
+    only selects each token's read-out step, which feeds the coda and, for the last token, the logits.
+    """
+    cfg, core = model.cfg, model.core
+    n_layers = cfg.n_layers
+    s = tokens_BS.shape[1]
+    mask_BS = mask_BS.astype(bool)
+    pos_BS = jnp.maximum(jnp.cumsum(mask_BS, axis=1) - 1, 0).astype(jnp.int32)
+    cos, sin = rope_cos_sin(pos_BS, cfg.d_head, cfg.rope_theta)
+    mask_BSS = attention_mask(pos_BS, pos_BS, mask_BS, cfg.sliding_window)
+
+    e = model.embed_tokens(tokens_BS)
+    pk, pv = cache.prelude_k, cache.prelude_v
+    for i, layer in enumerate(model.prelude):
+        e, k, v = _layer_chunk(layer, e, cos, sin, mask_BSS)
+        pk, pv = write_slot(pk, i, 0, k), write_slot(pv, i, 0, v)
+
+    def step(carry, t):
+        h, out_sel, open_, exit_step, gates, ck, cv = carry
+        x = core.inject(h, e)
+        for l, layer in enumerate(core.layers):
+            x, k, v = _layer_chunk(layer, x, cos, sin, mask_BSS)
+            slot = _core_slot(kv_mode, n_layers, t, l)
+            ck, cv = write_slot(ck, slot, 0, k), write_slot(cv, slot, 0, v)
+        out = core.norm(x)
+        new_h = out if cfg.step_norm else x
+        if core.gate is not None:
+            gates = gates.at[..., t].set(core.gate(out))
+        fires = step_fires(exit_rule, t, n_loops, gates, h, new_h)
+        out_sel, exit_step, open_ = _select(fires, open_, out, out_sel, exit_step, t)
+        return (new_h, out_sel, open_, exit_step, gates, ck, cv), None
+
+    h0 = core.initial_state(e)
+    carry = (h0, jnp.zeros_like(h0), jnp.ones(tokens_BS.shape, bool), jnp.zeros(tokens_BS.shape, jnp.int32),
+             jnp.zeros((*tokens_BS.shape, n_loops), jnp.float32), cache.core_k, cache.core_v)
+    (_, out_sel, _, exit_BS, _, ck, cv), _ = jax.lax.scan(step, carry, jnp.arange(n_loops))
+
+    x = out_sel
+    dk, dv = cache.coda_k, cache.coda_v
+    for i, layer in enumerate(model.coda):
+        x, k, v = _layer_chunk(layer, x, cos, sin, mask_BSS)
+        dk, dv = write_slot(dk, i, 0, k), write_slot(dv, i, 0, v)
+    x_last = x[:, -1]
+    if model.coda_norm is not None:
+        x_last = model.coda_norm(x_last)
+    logits = model.head(x_last)
+
+    cache = KVCache(core_k=ck, core_v=cv, prelude_k=pk, prelude_v=pv, coda_k=dk, coda_v=dv,
+                    positions_BC=jax.lax.dynamic_update_slice(cache.positions_BC, pos_BS, (0, 0)),
+                    valid_BC=jax.lax.dynamic_update_slice(cache.valid_BC, mask_BS, (0, 0)),
+                    next_pos_B=pos_BS[:, -1] + 1, length=jnp.asarray(s, jnp.int32))
+    return cache, StepOutput(logits_BV=logits, exit_step_B=exit_BS[:, -1], n_iterations=jnp.asarray(n_loops, jnp.int32))
+
+
+def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *, n_loops: int, kv_mode: str,
+                exit_rule: Any) -> tuple[KVCache, StepOutput]:
+    """Append one token per row at cache index ``cache.length`` and read out its logits.
+
+    live_B: rows still generating; the others are carried along without keeping the loop running.
+    Loop steps run in a ``lax.while_loop``. With an exit rule in "per_step" / "last_step" a row stops computing
+    once its rule fires and the loop ends when no live row is left (skipped steps cost nothing; the cache
+    gets the row's deepest KV for them). In "compute_all", and with no rule, every live row runs all steps.
+    """
+    cfg, core = model.cfg, model.core
+    n_layers = cfg.n_layers
+    idx = cache.length
+    pos_B1 = cache.next_pos_B[:, None]
+    positions_BC = jax.lax.dynamic_update_slice(cache.positions_BC, pos_B1, (0, idx))
+    valid_BC = jax.lax.dynamic_update_slice(cache.valid_BC, jnp.ones_like(pos_B1, bool), (0, idx))
+    cos, sin = rope_cos_sin(pos_B1, cfg.d_head, cfg.rope_theta)
+    mask_B1C = attention_mask(pos_B1, positions_BC, valid_BC, cfg.sliding_window)
+
+    def write_all(ck, cv, k, v, slot):
+        return write_slot(ck, slot, idx, k), write_slot(cv, slot, idx, v)
+
+    e = model.embed_tokens(tokens_B[:, None])
+    pk, pv = cache.prelude_k, cache.prelude_v
+    for i, layer in enumerate(model.prelude):
+        e, pk, pv = _layer_cached(layer, e, cos, sin, mask_B1C, pk, pv, i, lambda a, b, k, v, i=i: write_all(a, b, k, v, i))
+
+    adaptive = exit_rule is not None and kv_mode != "compute_all"
+
+    def cond(carry):
+        t, open_ = carry[0], carry[3]
+        return (t < n_loops) & jnp.any(open_ if adaptive else live_B)
+
+    def body(carry):
+        t, h, out_sel, open_, exit_step, gates, ck, cv = carry
+        rows = open_ if adaptive else live_B
+        x = core.inject(h, e)
+        for l, layer in enumerate(core.layers):
+            slot = _core_slot(kv_mode, n_layers, t, l)
+
+            def write(a, b, k, v, slot=slot):
+                return write_slot_rows(a, slot, idx, k, rows), write_slot_rows(b, slot, idx, v, rows)
+
+            x, ck, cv = _layer_cached(layer, x, cos, sin, mask_B1C, ck, cv, slot, write)
+        out = core.norm(x)
+        new_h = out if cfg.step_norm else x
+        if core.gate is not None:
+            gates = gates.at[:, :, t].set(core.gate(out))
+        fires = step_fires(exit_rule, t, n_loops, gates, h, new_h)
+        out_sel, exit_step, open_ = _select(fires, open_, out, out_sel, exit_step, t)
+        return t + 1, new_h, out_sel, open_, exit_step, gates, ck, cv
+
+    h0 = core.initial_state(e)
+    b = tokens_B.shape[0]
+    carry = (jnp.asarray(0, jnp.int32), h0, jnp.zeros_like(h0), live_B[:, None], jnp.zeros((b, 1), jnp.int32),
+             jnp.zeros((b, 1, n_loops), jnp.float32), cache.core_k, cache.core_v)
+    n_iter, _, out_sel, _, exit_B1, _, ck, cv = jax.lax.while_loop(cond, body, carry)
+    if adaptive and kv_mode == "per_step":
+        ck = fill_skipped_steps(ck, n_layers, idx, exit_B1[:, 0])
+        cv = fill_skipped_steps(cv, n_layers, idx, exit_B1[:, 0])
+
+    x = out_sel
+    dk, dv = cache.coda_k, cache.coda_v
+    for i, layer in enumerate(model.coda):
+        x, dk, dv = _layer_cached(layer, x, cos, sin, mask_B1C, dk, dv, i, lambda a, b, k, v, i=i: write_all(a, b, k, v, i))
+    x = x[:, 0]
+    if model.coda_norm is not None:
+        x = model.coda_norm(x)
+    logits = model.head(x)
+
+    cache = KVCache(core_k=ck, core_v=cv, prelude_k=pk, prelude_v=pv, coda_k=dk, coda_v=dv,
+                    positions_BC=positions_BC, valid_BC=valid_BC, next_pos_B=cache.next_pos_B + 1, length=idx + 1)
+    return cache, StepOutput(logits_BV=logits, exit_step_B=exit_B1[:, 0], n_iterations=n_iter)
