@@ -1,0 +1,230 @@
+"""Synthetic GSM in the style of i-GSM (Ye et al. 2024, "Physics of Language Models 2.1"), as used by Saunshi et al.
+
+Generator, for a difficulty (depth D, operations K) drawn uniformly from ``difficulties``:
+  1. Entity hierarchy: ``n_levels`` levels of ``level_width`` distinct entity names (drawn from ``n_names``); an
+     instance parameter is an edge between adjacent levels, "each <parent> has <value> <child>", named by the
+     (parent, child) pair.
+  2. Dependency DAG of the query: a random binary expression tree of exactly K operations ('+', '-', '*' mod
+     ``modulus``) whose longest leaf-to-root path has exactly D operations (left child depth D - 1, right child
+     any depth < D, operation budgets split uniformly among feasible splits). Leaves are constants in
+     [0, modulus), and a leaf is reused by later operands with probability ``share_leaf``, so the graph is a DAG.
+  3. ``n_distractors`` extra parameters (constants, or operations on any earlier parameter) that the query does
+     not depend on.
+  4. Every node gets a distinct random edge of the hierarchy as its name; the statements are shuffled.
+The answer is the query node's value mod ``modulus``.
+
+Tokens: values 0..M-1 (M = modulus), then '+', '-', '*', '=', ';', '?', BOS, PAD, then entity names.
+A statement is [P, C, '=', v, ';'] (a constant) or [P, C, '=', Pa, Ca, op, Pb, Cb, ';'] (an operation);
+prompt = [BOS, statements..., '?', Pq, Cq, '='], answer = [value].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from loopjax.data.tasks.base import Example, Task
+
+_OPS = "+-*"
+
+
+@dataclasses.dataclass(frozen=True)
+class IGSM(Task):
+    """i-GSM-style problems; ``difficulties`` is a tuple of (depth, n_ops) pairs with depth <= n_ops < 2**depth."""
+
+    difficulties: tuple[tuple[int, int], ...] = ((4, 6),)
+    n_levels: int = 4
+    level_width: int = 4
+    n_names: int = 32
+    n_distractors: int = 4
+    modulus: int = 7
+    share_leaf: float = 0.3
+    seq_len: int | None = None
+
+    def __post_init__(self):
+        diffs = tuple((int(d), int(k)) for d, k in self.difficulties)
+        object.__setattr__(self, "difficulties", diffs)
+        if not diffs or any(not (1 <= d <= k <= 2**d - 1) for d, k in diffs):
+            raise ValueError(f"difficulties={self.difficulties!r}: must be (depth, n_ops) pairs with "
+                             "1 <= depth <= n_ops <= 2**depth - 1")
+        if self.modulus < 2:
+            raise ValueError(f"modulus={self.modulus!r}: must be >= 2")
+        if self.n_levels < 2 or self.level_width < 1:
+            raise ValueError(f"n_levels={self.n_levels!r}, level_width={self.level_width!r}: must be >= 2 and >= 1")
+        if self.n_names < self.n_levels * self.level_width:
+            raise ValueError(f"n_names={self.n_names!r}: must be >= n_levels * level_width = "
+                             f"{self.n_levels * self.level_width}")
+        if self.n_distractors < 0:
+            raise ValueError(f"n_distractors={self.n_distractors!r}: must be >= 0")
+        if not 0.0 <= self.share_leaf <= 1.0:
+            raise ValueError(f"share_leaf={self.share_leaf!r}: must be in [0, 1]")
+        if self._max_nodes > self._n_edges:
+            raise ValueError(f"n_levels={self.n_levels!r}, level_width={self.level_width!r}: the hierarchy has "
+                             f"{self._n_edges} parameters but a problem may need {self._max_nodes}")
+        self._check_seq_len()
+
+    # Token ids.
+    @property
+    def op_ids(self) -> tuple[int, int, int]:
+        return self.modulus, self.modulus + 1, self.modulus + 2
+
+    @property
+    def eq_id(self) -> int:
+        return self.modulus + 3
+
+    @property
+    def end_id(self) -> int:
+        return self.modulus + 4
+
+    @property
+    def query_id(self) -> int:
+        return self.modulus + 5
+
+    @property
+    def bos_id(self) -> int:
+        return self.modulus + 6
+
+    @property
+    def pad_id(self) -> int:
+        return self.modulus + 7
+
+    @property
+    def name_base(self) -> int:
+        return self.modulus + 8
+
+    @property
+    def vocab_size(self) -> int:
+        return self.name_base + self.n_names
+
+    @property
+    def _n_edges(self) -> int:
+        return (self.n_levels - 1) * self.level_width**2
+
+    @property
+    def _max_nodes(self) -> int:
+        k = max(k for _, k in self.difficulties)
+        return k + (k + 1) + self.n_distractors
+
+    @property
+    def min_seq_len(self) -> int:
+        k = max(k for _, k in self.difficulties)
+        return 1 + 9 * (k + self.n_distractors) + 5 * (k + 1) + 4  # inputs = prompt (answer is one token)
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        depth, n_ops = self.difficulties[rng.integers(len(self.difficulties))]
+        nodes: list[tuple] = []  # ("leaf", value) or ("op", op_index, left_id, right_id, value)
+        leaves: list[int] = []
+        query = self._build(rng, depth, n_ops, nodes, leaves)
+        for _ in range(self.n_distractors):
+            if rng.random() < 0.5:
+                self._new_leaf(rng, nodes)
+            else:
+                self._new_op(rng, nodes, int(rng.integers(len(nodes))), int(rng.integers(len(nodes))))
+
+        w = self.level_width
+        names = rng.choice(self.n_names, size=(self.n_levels, w), replace=False) + self.name_base
+        edges = rng.choice(self._n_edges, size=len(nodes), replace=False)
+        level, rest = np.divmod(edges, w * w)
+        parent, child = np.divmod(rest, w)
+        param = [(int(names[l, i]), int(names[l + 1, j])) for l, i, j in zip(level, parent, child)]
+
+        tokens = [self.bos_id]
+        for x in rng.permutation(len(nodes)):
+            node = nodes[x]
+            tokens += [*param[x], self.eq_id]
+            if node[0] == "leaf":
+                tokens.append(node[1])
+            else:
+                tokens += [*param[node[2]], self.op_ids[node[1]], *param[node[3]]]
+            tokens.append(self.end_id)
+        tokens += [self.query_id, *param[query], self.eq_id]
+        return Example(prompt=np.array(tokens, np.int32), answer=np.array([nodes[query][-1]], np.int32),
+                       difficulty=(depth, n_ops))
+
+    def _new_leaf(self, rng, nodes) -> int:
+        nodes.append(("leaf", int(rng.integers(self.modulus))))
+        return len(nodes) - 1
+
+    def _new_op(self, rng, nodes, left: int, right: int) -> int:
+        op = int(rng.integers(3))
+        if rng.random() < 0.5:
+            left, right = right, left
+        a, b = nodes[left][-1], nodes[right][-1]
+        value = (a + b, a - b, a * b)[op] % self.modulus
+        nodes.append(("op", op, left, right, value))
+        return len(nodes) - 1
+
+    def _build(self, rng, depth: int, n_ops: int, nodes, leaves) -> int:
+        """A node of exactly ``depth`` operations on its longest path and ``n_ops`` distinct operations below it."""
+        if depth == 0:
+            if leaves and rng.random() < self.share_leaf:
+                return int(leaves[rng.integers(len(leaves))])
+            leaves.append(self._new_leaf(rng, nodes))
+            return leaves[-1]
+        # Left subtree: depth - 1 with k_l ops in [depth-1, 2^(depth-1)-1]; right: depth r < depth, k_r in [r, 2^r-1].
+        splits = []  # (r, lowest k_r, highest k_r)
+        for r in range(depth):
+            lo = max(r, n_ops - 1 - (2 ** (depth - 1) - 1))
+            hi = min(2**r - 1, n_ops - 1 - (depth - 1))
+            if lo <= hi:
+                splits.append((r, lo, hi))
+        counts = np.array([hi - lo + 1 for _, lo, hi in splits])
+        r, lo, hi = splits[rng.choice(len(splits), p=counts / counts.sum())]
+        k_r = lo + int(rng.integers(hi - lo + 1))
+        left = self._build(rng, depth - 1, n_ops - 1 - k_r, nodes, leaves)
+        right = self._build(rng, r, k_r, nodes, leaves)
+        return self._new_op(rng, nodes, left, right)
+
+    def solve(self, prompt: np.ndarray) -> np.ndarray:
+        return np.array([analyse(self, prompt)[0]], np.int32)
+
+    def decode(self, tokens) -> str:
+        out = []
+        for t in (int(x) for x in tokens):
+            if t < self.modulus:
+                out.append(str(t))
+            elif t < self.name_base:
+                out.append(["+", "-", "*", "=", ";\n", "?", "<bos>", "_"][t - self.modulus])
+            else:
+                out.append(f"E{t - self.name_base}")
+        return " ".join(out).replace(" ;\n ", ";\n")
+
+
+def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
+    """(answer, depth, n_ops) of the query, recomputed by parsing the prompt and evaluating it recursively."""
+    toks = [int(t) for t in prompt]
+    if toks[0] != task.bos_id or toks[-4] != task.query_id or toks[-1] != task.eq_id:
+        raise ValueError("not an i-GSM prompt")
+    defs: dict[tuple[int, int], tuple] = {}
+    i = 1
+    while i < len(toks) - 4:
+        name = (toks[i], toks[i + 1])
+        if toks[i + 2] != task.eq_id:
+            raise ValueError(f"expected '=' at token {i + 2}")
+        end = toks.index(task.end_id, i + 3)
+        body = toks[i + 3:end]
+        if len(body) == 1:
+            defs[name] = ("const", body[0])
+        else:
+            defs[name] = (_OPS[body[2] - task.modulus], (body[0], body[1]), (body[3], body[4]))
+        i = end + 1
+
+    memo: dict[tuple[int, int], tuple[int, int, frozenset]] = {}
+
+    def evaluate(name, stack=()):
+        if name in stack:
+            raise ValueError(f"cyclic definition through {name}")
+        if name not in memo:
+            d = defs[name]
+            if d[0] == "const":
+                memo[name] = (d[1] % task.modulus, 0, frozenset())
+            else:
+                a, da, oa = evaluate(d[1], stack + (name,))
+                b, db, ob = evaluate(d[2], stack + (name,))
+                value = {"+": a + b, "-": a - b, "*": a * b}[d[0]] % task.modulus
+                memo[name] = (value, 1 + max(da, db), oa | ob | {name})
+        return memo[name]
+
+    value, depth, ops = evaluate((toks[-3], toks[-2]))
+    return value, depth, len(ops)

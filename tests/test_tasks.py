@@ -1,0 +1,176 @@
+"""Synthetic tasks: every generated example verified by an independent checker; layout; determinism."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loopjax.data.tasks import IGSM, Addition, Example, PHop, answer_correct, lm_arrays
+from loopjax.data.tasks.addition import BOS, EOS, display
+from loopjax.data.tasks.igsm import analyse
+from loopjax.data.tasks.phop import find_1, hop_chain, hop_p
+
+FAST = settings(max_examples=40, deadline=None)
+seeds = st.integers(0, 2**31 - 1)
+
+
+# ---- p-hop ----------------------------------------------------------------------------------------------------------
+
+def test_hop_definition_on_hand_examples():
+    a, b, c = 0, 1, 2
+    v = [a, b, c, a]                    # previous 'a' is v_1, so find_1 = 2 and hop_1 = v_2 = b
+    assert find_1(v, 4) == 2 and hop_p(v, 1) == b
+    assert hop_p(v, 2) is None          # before v_2 = b there is no earlier b: ⊥
+    assert find_1([a, a], 2) == 2       # j = i is allowed: v_{i-1} = v_i gives a fixed point
+    assert hop_p([a, a], 5) == a
+    v = [c, a, b, c, b, a, c, a]        # v_8 = a -> after v_6 = a: v_7 = c -> after v_4 = c: v_5 = b
+    assert hop_chain(v, 3) == [8, 7, 5, 4]  # -> after v_3 = b (latest b before v_5): v_4 = c
+    assert hop_p(v, 3) == c
+
+
+@FAST
+@given(seed=seeds, index=st.integers(0, 10**6), alphabet=st.integers(2, 6), p=st.integers(1, 6),
+       extra=st.integers(0, 20))
+def test_phop_examples_have_full_chain_and_checker_answer(seed, index, alphabet, p, extra):
+    task = PHop(alphabet=alphabet, n=2 * p + 2 + extra, hops=(p,))
+    ex = task.example(seed, index)
+    assert ex.prompt.shape == (task.n + 1,) and ex.prompt[0] == task.hop_token(p)
+    v = ex.prompt[1:].tolist()
+    assert all(0 <= t < alphabet for t in v)
+    chain = hop_chain(v, p)
+    assert all(x > y > 0 for x, y in zip(chain, chain[1:])), chain  # p genuine hops, no ⊥, no fixed point
+    assert ex.answer.tolist() == [hop_p(v, p)] == [v[chain[-1] - 1]]
+    assert task.check(ex)
+
+
+def test_phop_mixture_draws_every_p_and_shares_vocab():
+    mix = PHop(alphabet=4, n=24, hops=(2, 5))
+    assert {mix.example(3, i).difficulty for i in range(40)} == {2, 5}
+    single = PHop(alphabet=4, n=24, hops=(2,), max_hops=5)
+    assert single.vocab_size == mix.vocab_size == 4 + 1 + 5
+    ex = single.example(0, 0)
+    assert single.check(ex) and mix.check(ex)
+
+
+# ---- addition -------------------------------------------------------------------------------------------------------
+
+def test_addition_checker_on_the_issue_example():
+    task = Addition(n_terms=(4,))
+    prompt = np.array([BOS] + [int(c) if c.isdigit() else {"+": 10, "=": 11}[c] for c in "315+120+045+824="])
+    assert task.decode(task.solve(prompt)) == "1304<eos>"
+    ex = Example(prompt=prompt, answer=task.solve(prompt), difficulty=4)
+    assert display(task, ex) == ("315 + 120 + 045 + 824 =", "1304")
+
+
+@FAST
+@given(seed=seeds, index=st.integers(0, 10**6), n=st.integers(1, 12), digits=st.integers(1, 4))
+def test_addition_examples_match_checker(seed, index, n, digits):
+    task = Addition(n_terms=(n,), digits=digits)
+    ex = task.example(seed, index)
+    text = task.decode(ex.prompt)
+    terms = text.removeprefix("<bos>").removesuffix("=").split("+")
+    assert len(terms) == n and all(len(t) == digits for t in terms)
+    assert task.decode(ex.answer) == f"{sum(map(int, terms))}<eos>"
+    assert task.check(ex) and ex.answer[-1] == EOS
+    assert len(ex.prompt) + len(ex.answer) - 1 <= task.min_seq_len
+
+
+def test_addition_mixture_pads_to_longest_and_masks_answer_only():
+    task = Addition(n_terms=(2, 8))
+    batch = task.eval_batch(seed=1, count=12)
+    assert batch["inputs"].shape == (12, task.min_seq_len) == (12, 1 + 8 * 4 + 4)  # BOS, 8 terms + signs, 4 digits
+    ns = [ex.difficulty for ex in task.examples(1, 12)]
+    assert set(ns) == {2, 8}
+    for row, ex in enumerate(task.examples(1, 12)):
+        assert batch["mask"][row].sum() == len(ex.answer)
+        assert batch["targets"][row][batch["mask"][row] > 0].tolist() == ex.answer.tolist()
+
+
+# ---- i-GSM ----------------------------------------------------------------------------------------------------------
+
+def test_igsm_checker_on_hand_example():
+    task = IGSM(difficulties=((2, 2),))
+    E = [task.name_base + i for i in range(6)]
+    add, sub, mul = task.op_ids
+    eq, end = task.eq_id, task.end_id
+    prompt = [task.bos_id,
+              E[0], E[1], eq, E[2], E[3], mul, E[4], E[5], end,     # x = y * z
+              E[4], E[5], eq, 5, end,                               # z = 5
+              E[2], E[3], eq, E[4], E[5], sub, E[0], E[2], end,     # y = z - w
+              E[0], E[2], eq, 6, end,                               # w = 6
+              task.query_id, E[0], E[1], eq]
+    assert analyse(task, np.array(prompt)) == (((5 - 6) * 5) % 7, 2, 2)  # (-5) mod 7 = 2
+
+
+@FAST
+@given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(1, 4), data=st.data())
+def test_igsm_examples_match_checker_depth_and_op_count(seed, index, depth, data):
+    n_ops = data.draw(st.integers(depth, 2**depth - 1))
+    task = IGSM(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 5)))
+    ex = task.example(seed, index)
+    assert analyse(task, ex.prompt) == (int(ex.answer[0]), depth, n_ops)
+    assert task.check(ex)
+    assert 0 <= ex.prompt.min() and ex.prompt.max() < task.vocab_size
+    assert len(ex.prompt) <= task.min_seq_len
+
+
+def test_igsm_rejects_infeasible_difficulty_and_small_hierarchy():
+    with pytest.raises(ValueError, match="difficulties"):
+        IGSM(difficulties=((2, 4),))  # a depth-2 binary tree has at most 3 operations
+    with pytest.raises(ValueError, match="level_width"):
+        IGSM(difficulties=((5, 20),), n_levels=2, level_width=3)
+
+
+# ---- shared layout and determinism ----------------------------------------------------------------------------------
+
+TASKS = [PHop(alphabet=3, n=20, hops=(2, 4)), Addition(n_terms=(3, 5)), IGSM(difficulties=((2, 3), (3, 4)))]
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: type(t).__name__)
+def test_same_seed_same_examples_other_seed_other_examples(task):
+    again = type(task)(**{f: getattr(task, f) for f in task.__dataclass_fields__})
+    a = [task.example(7, i) for i in range(8)]
+    b = [again.example(7, i) for i in reversed(range(8))][::-1]  # access order does not matter
+    assert all(np.array_equal(x.prompt, y.prompt) and np.array_equal(x.answer, y.answer) for x, y in zip(a, b))
+    c = [task.example(8, i) for i in range(8)]
+    assert any(not np.array_equal(x.prompt, y.prompt) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: type(t).__name__)
+def test_lm_layout_shifts_by_one_and_counts_only_answer(task):
+    rng = np.random.default_rng(0)
+    for i in rng.integers(0, 10**6, size=5):
+        ex = task.example(1, int(i))
+        row = task.lm_example(ex)
+        n = len(ex.prompt) + len(ex.answer) - 1
+        seq = np.concatenate([ex.prompt, ex.answer])
+        assert row["inputs"].dtype == row["targets"].dtype == np.int32 and row["mask"].dtype == np.float32
+        assert row["inputs"].shape == (task.length,)
+        np.testing.assert_array_equal(row["inputs"][:n], seq[:-1])
+        np.testing.assert_array_equal(row["targets"][:n], seq[1:])
+        assert (row["inputs"][n:] == task.pad_id).all() and (row["targets"][n:] == task.pad_id).all()
+        answer_positions = np.arange(len(ex.prompt) - 1, n)
+        np.testing.assert_array_equal(np.flatnonzero(row["mask"]), answer_positions)
+        assert row["inputs"].max() < task.vocab_size
+
+
+def test_answer_correct_is_exact_match_on_masked_positions():
+    task = Addition(n_terms=(4,))
+    batch = task.eval_batch(seed=0, count=3)
+    pred = batch["targets"].copy()
+    assert answer_correct(pred, batch).tolist() == [True, True, True]
+    pred[0, 0] = (pred[0, 0] + 1) % task.vocab_size         # a prompt position: does not count
+    ans = np.flatnonzero(batch["mask"][1])[-1]
+    pred[1, ans] = (pred[1, ans] + 1) % task.vocab_size      # the answer's EOS: counts
+    assert answer_correct(pred, batch).tolist() == [True, False, True]
+
+
+def test_seq_len_override_pads_and_too_short_raises():
+    task = PHop(alphabet=4, n=10, hops=(2,), seq_len=16)
+    assert task.lm_example(task.example(0, 0))["inputs"].shape == (16,)
+    with pytest.raises(ValueError, match="seq_len"):
+        PHop(alphabet=4, n=10, hops=(2,), seq_len=8)
+    with pytest.raises(ValueError, match="n="):
+        PHop(alphabet=4, n=9, hops=(4,))
+    with pytest.raises(ValueError, match="seq_len"):
+        lm_arrays(Example(np.zeros(5, np.int32), np.zeros(2, np.int32), 0), seq_len=5, pad_id=0)
