@@ -5,7 +5,7 @@ from loopjax.flops import forward_flops, train_flops
 from loopjax.halting import exit_distribution
 from loopjax.looped import LoopedCore
 from loopjax.model import LoopedLM, LoopedOutput, count_params
-from loopjax import data  # noqa: E402  (cheap: grain is imported when a pipeline is built)
+from loopjax import data  # cheap: grain is imported only when a pipeline is built
 
 __version__ = "0.1.0"
 

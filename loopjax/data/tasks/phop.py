@@ -109,9 +109,8 @@ class PHop(Task):
         steps = rng.integers(1, a, size=p)  # c_(t+1) = c_t + step mod a: uniform over Σ \ {c_t}
         chain[1:] = (chain[0] + np.cumsum(steps)) % a
 
-        forbid = np.full(n + 1, -1, np.int64)  # index = 1-based position
-        for t in range(p):
-            forbid[pos[t + 1]:pos[t]] = chain[t]
+        forbid = np.full(n + 1, -1, np.int64)  # index = 1-based position; segment t is [i_(t+1), i_t - 1]
+        forbid[pos[p]:n] = np.repeat(chain[p - 1::-1], (pos[:-1] - pos[1:])[::-1])
         draw = rng.integers(0, a - 1, size=n + 1)
         v = np.where(forbid >= 0, (forbid + 1 + draw) % a, rng.integers(0, a, size=n + 1))
         v[pos] = chain
