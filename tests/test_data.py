@@ -172,6 +172,13 @@ def test_resume_from_state_is_exact_for_task_source():
     assert expected[0]["inputs"].shape == (4, 13) and expected[0]["mask"].dtype == np.float32
 
 
+def test_endless_task_source_shards_and_batches_lazily():
+    src = PHop(alphabet=4, n=10, hops=(2,)).source(seed=0)  # 2**40 rows: nothing is materialised
+    it = iter(make_pipeline(src, batch_size=2, seed=0, process_index=3, process_count=4))
+    batch = next(it)
+    assert batch["inputs"].shape == (2, 11) and batch["inputs"].dtype == np.int32
+
+
 def test_pipeline_rejects_bad_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         make_pipeline(IndexSource(4), batch_size=0, seed=0)
