@@ -1,9 +1,9 @@
 """Input data: grain pipelines, a byte-level text source, synthetic reasoning tasks (``loopjax.data.tasks``)."""
 
-from loopjax.data import tasks
+from loopjax.data import tasks, text
 from loopjax.data.pipeline import make_pipeline, shard_bounds
 from loopjax.data.tasks import IGSM, Addition, PHop, TaskSource, answer_correct
 from loopjax.data.text import ByteTextSource
 
 __all__ = ["Addition", "ByteTextSource", "IGSM", "PHop", "TaskSource", "answer_correct", "make_pipeline",
-           "shard_bounds", "tasks"]
+           "shard_bounds", "tasks", "text"]
