@@ -21,7 +21,7 @@ from flax import nnx
 from loopjax.generate import decode
 from loopjax.generate.cache import KV_MODES, KVCache, init_cache
 from loopjax.generate.exits import validate_rule
-from loopjax.generate.sampling import Sampling, as_sampling, sample
+from loopjax.generate.sampling import Sampling, as_sampling, sample, sampling_args
 
 
 @jax.tree_util.register_dataclass
@@ -158,15 +158,15 @@ def decode_step(model, cache: KVCache, tokens_B, *, live_B=None, n_loops: int | 
                        exit_rule=exit_rule)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("sampling", "n_buf", "capacity", "return_logits"))
-def _generate_jit(graphdef, state, tokens_BS, mask_BS, max_new, key, stop_ids, pad_id, *, n_loops, kv_mode,
-                  exit_rule, sampling, n_buf, capacity, return_logits):
+@functools.partial(jax.jit, static_argnames=_STATIC + ("greedy", "n_buf", "capacity", "return_logits"))
+def _generate_jit(graphdef, state, tokens_BS, mask_BS, max_new, key, stop_ids, pad_id, sampling_args, *, n_loops,
+                  kv_mode, exit_rule, greedy, n_buf, capacity, return_logits):
     model = nnx.merge(graphdef, state)
     b = tokens_BS.shape[0]
     cache = init_cache(model.cfg, b, capacity, n_loops=n_loops, kv_mode=kv_mode)
     cache, out = decode.prefill(model, tokens_BS, mask_BS, cache, n_loops=n_loops, kv_mode=kv_mode,
                                 exit_rule=exit_rule)
-    tok = sample(out.logits_BV, jax.random.fold_in(key, 0), sampling)
+    tok = sample(out.logits_BV, jax.random.fold_in(key, 0), greedy, *sampling_args)
     logits_buf = None
     if return_logits:
         logits_buf = jnp.zeros((b, n_buf, out.logits_BV.shape[-1]), jnp.float32).at[:, 0].set(out.logits_BV)
@@ -184,7 +184,7 @@ def _generate_jit(graphdef, state, tokens_BS, mask_BS, max_new, key, stop_ids, p
         i, live = c["i"], ~c["done"]
         cache, o = decode.decode_step(model, c["cache"], c["tok"], live, n_loops=n_loops, kv_mode=kv_mode,
                                       exit_rule=exit_rule)
-        tok = jnp.where(live, sample(o.logits_BV, jax.random.fold_in(key, i), sampling), pad_id)
+        tok = jnp.where(live, sample(o.logits_BV, jax.random.fold_in(key, i), greedy, *sampling_args), pad_id)
         new = dict(i=i + 1, cache=cache, tok=tok, done=c["done"] | (live & jnp.isin(tok, stop_ids)),
                    tokens=c["tokens"].at[:, i].set(tok),
                    exits=c["exits"].at[:, i].set(jnp.where(live, o.exit_step_B, 0)),
@@ -242,7 +242,8 @@ def generate(model, prompt_BS, max_new_tokens: int, *, attention_mask=None, exit
     graphdef, state = nnx.split(model)
     out = _generate_jit(graphdef, state, jnp.asarray(prompt), jnp.asarray(mask), jnp.asarray(max_new_tokens, jnp.int32),
                         jax.random.key(seed), jnp.asarray(stop), jnp.asarray(pad_token_id, jnp.int32),
-                        n_loops=n_loops, kv_mode=kv_mode, exit_rule=exit_rule, sampling=sampling, n_buf=n_buf,
+                        sampling_args(sampling), n_loops=n_loops, kv_mode=kv_mode, exit_rule=exit_rule,
+                        greedy=sampling.greedy, n_buf=n_buf,
                         capacity=capacity, return_logits=return_logits)
     n = max_new_tokens
     return GenerateOutput(tokens=out.tokens[:, :n], exit_steps=out.exit_steps[:, :n], n_iterations=out.n_iterations[:n],

@@ -53,21 +53,29 @@ def as_sampling(sampling: Sampling | str | dict | None) -> Sampling:
                      "of its fields")
 
 
-def sample(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Draw one token per row: int32 [B]."""
+def sampling_args(sampling: Sampling) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(temperature, top_k, top_p) as arrays, so that changing them does not recompile (0 / 1 switch a filter off)."""
+    return (jnp.asarray(max(sampling.temperature, 1e-6), jnp.float32), jnp.asarray(sampling.top_k or 0, jnp.int32),
+            jnp.asarray(1.0 if sampling.top_p is None else sampling.top_p, jnp.float32))
+
+
+def sample(logits_BV: jax.Array, key: jax.Array, greedy: bool, temperature=1.0, top_k=0, top_p=1.0) -> jax.Array:
+    """Draw one token per row: int32 [B]. ``greedy`` is static; the rest may be traced scalars.
+
+    top_k: keep the k largest logits (0: all); top_p: then keep the smallest most-likely set whose probability
+    reaches p (1: all).
+    """
     logits = logits_BV.astype(jnp.float32)
-    if sampling.greedy:
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
+    logits = logits / temperature
+    v = logits.shape[-1]
     neg_inf = jnp.finfo(jnp.float32).min
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        kth_B1 = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth_B1, neg_inf, logits)
-    if sampling.top_p is not None and sampling.top_p < 1:
-        sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_BV, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        keep = before < sampling.top_p  # always keeps the top token
-        cutoff_B1 = jnp.min(jnp.where(keep, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff_B1, neg_inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kept_by_k = jnp.arange(v) < k
+    probs = jax.nn.softmax(jnp.where(kept_by_k, sorted_BV, neg_inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    keep = kept_by_k & (before < top_p)  # always keeps the top token
+    cutoff_B1 = jnp.min(jnp.where(keep, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jax.random.categorical(key, jnp.where(logits < cutoff_B1, neg_inf, logits), axis=-1).astype(jnp.int32)
