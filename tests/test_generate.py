@@ -304,3 +304,70 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="cache is full"):
         cache, out = prefill(model, prompt, capacity=5)
         decode_step(model, cache, jnp.argmax(out.logits_BV, -1))
+
+
+# ---------------------------------------------------------------- exit rules
+def _exit_model():
+    return _model(**_CONFIGS["prelude_coda_concat"])
+
+
+def test_compute_all_with_exit_rule_equals_run_all_loops_forward():
+    """compute_all: every token runs all loops and the rule picks the read-out loop, so each new token's logits and
+    exit step equal those of ``model(seq, exit_rule=..., run_all_loops=True)`` without a cache."""
+    model = _exit_model()
+    prompt = _prompt(2, 5, seed=11)
+    for rule in (lj.QExit(0.6), lj.ACTExit(0.3)):
+        out = generate(model, prompt, 6, kv_mode="compute_all", exit_rule=rule, return_logits=True)
+        seq = np.concatenate([prompt, np.asarray(out.tokens)], axis=1)
+        graphdef, state = nnx.split(model)
+        full = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, exit_rule=rule, run_all_loops=True))(state, seq)
+        sl = slice(prompt.shape[1] - 1, -1)
+        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full.logits[:, sl]), atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(np.asarray(out.exit_steps), np.asarray(full.exit_step[:, sl]))
+        assert len(np.unique(np.asarray(out.exit_steps))) > 1, rule  # the rule really varies the depth
+        np.testing.assert_array_equal(np.asarray(out.n_iterations), 3)
+
+
+@pytest.mark.parametrize("kv_mode", ["per_step", "last_step"])
+def test_early_exit_decoding_matches_float64_reference(kv_mode):
+    """per_step / last_step with QExit: a new token runs only up to its exit loop, skipped loops read the deepest
+    available KV; logits match the per-token float64 reference given the same exits, each exit is where the
+    reference's exit CDF first reaches q, and the batch runs max(exit) iterations per token."""
+    model, rule = _exit_model(), lj.QExit(0.6)
+    npm = _NpModel(model)
+    prompt = _prompt(2, 5, seed=11)
+    out = generate(model, prompt, 6, kv_mode=kv_mode, exit_rule=rule, return_logits=True)
+    exits = np.asarray(out.exit_steps)
+    graphdef, state = nnx.split(model)
+    prompt_exits = np.asarray(jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, exit_rule=rule, run_all_loops=True)
+                                      .exit_step)(state, prompt))
+    np.testing.assert_array_equal(np.asarray(out.n_iterations)[1:], exits[:, 1:].max(0))
+    assert (exits[:, 1:] < 3).any()  # some tokens really skipped loops
+    for row in range(2):
+        toks = list(prompt[row]) + list(np.asarray(out.tokens[row]))[:-1]
+        # exit_steps[:, i] belongs to the position that produced token i: the last prompt token for i = 0
+        assert prompt_exits[row, -1] == exits[row, 0]
+        computed = [3] * 5 + list(exits[row, 1:])
+        readout = list(prompt_exits[row]) + list(exits[row, 1:])
+        ref, gates = npm.run(toks, 5, computed, readout, kv_mode)
+        np.testing.assert_allclose(np.asarray(out.logits[row]), ref[4:], atol=1e-4, rtol=0)
+        for i, e in enumerate(exits[row]):  # the rule as the reference's gates see it
+            lam = 1 / (1 + np.exp(-gates[4 + i, :e]))
+            cdf = 1 - np.cumprod(1 - lam)
+            assert e == 3 or cdf[e - 1] >= 0.6 - 1e-5
+            assert (cdf[:e - 1] < 0.6 + 1e-5).all()
+
+
+def test_skipped_steps_hold_the_deepest_kv():
+    """per_step: after a decode step where every row exits at loop 1, the slots of loops 2..T at that position hold
+    its loop-1 keys and values, and only one loop iteration ran."""
+    model, rule = _model(), lj.FixedExit(1)
+    prompt = _prompt(2, 5, seed=12)
+    cache, out = prefill(model, prompt, capacity=8, exit_rule=rule)
+    np.testing.assert_array_equal(np.asarray(out.exit_step_B), 1)
+    cache, out = decode_step(model, cache, jnp.argmax(out.logits_BV, -1), exit_rule=rule)
+    assert int(out.n_iterations) == 1
+    k = np.asarray(cache.core_k).reshape(3, 2, 2, 8, 2, 8)  # [T, k, B, C, K, H]
+    for t in (1, 2):
+        np.testing.assert_array_equal(k[t, :, :, 5], k[0, :, :, 5])
+        assert np.abs(k[t, :, :, :5] - k[0, :, :, :5]).max() > 1e-3  # prompt tokens ran every loop

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from loopjax.generate.cache import KVCache, fill_skipped_steps, write_slot, write_slot_rows
-from loopjax.generate.exits import step_fires
+from loopjax.halting import rule_fires
 from loopjax.layers import DecoderLayer, attention_mask, rope_cos_sin
 
 
@@ -97,7 +97,7 @@ def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, 
         new_h = out if cfg.step_norm else x
         if core.gate is not None:
             gates = gates.at[..., t].set(core.gate(out))
-        fires = step_fires(exit_rule, t, n_loops, gates, h, new_h)
+        fires = rule_fires(exit_rule, t, n_loops, gates, h, new_h)
         out_sel, exit_step, open_ = _select(fires, open_, out, out_sel, exit_step, t)
         return (new_h, out_sel, open_, exit_step, gates, ck, cv), None
 
@@ -157,7 +157,7 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
 
     def body(carry):
         t, h, out_sel, open_, exit_step, gates, ck, cv = carry
-        rows = open_ if adaptive else live_B
+        rows = open_[:, 0] if adaptive else live_B
         x = core.inject(h, e)
         for l, layer in enumerate(core.layers):
             slot = _core_slot(kv_mode, n_layers, t, l)
@@ -170,7 +170,7 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
         new_h = out if cfg.step_norm else x
         if core.gate is not None:
             gates = gates.at[:, :, t].set(core.gate(out))
-        fires = step_fires(exit_rule, t, n_loops, gates, h, new_h)
+        fires = rule_fires(exit_rule, t, n_loops, gates, h, new_h)
         out_sel, exit_step, open_ = _select(fires, open_, out, out_sel, exit_step, t)
         return t + 1, new_h, out_sel, open_, exit_step, gates, ck, cv
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from loopjax.generate import decode
 from loopjax.generate.cache import KV_MODES, KVCache, init_cache
-from loopjax.generate.exits import validate_rule
+from loopjax.halting import validate_exit_rule
 from loopjax.generate.sampling import Sampling, as_sampling, sample, sampling_args
 
 
@@ -132,7 +132,7 @@ def prefill(model, prompt_BS, attention_mask=None, *, capacity: int, n_loops: in
     """
     _check_kv_mode(kv_mode)
     n_loops = _check_n_loops(model, n_loops)
-    validate_rule(exit_rule, n_loops)
+    validate_exit_rule(exit_rule, n_loops, model.cfg.exit_gate)
     prompt, mask = _check_prompt(prompt_BS, attention_mask)
     _sizes(model.cfg, prompt.shape[1], 0, capacity)
     graphdef, state = nnx.split(model)
@@ -148,7 +148,7 @@ def decode_step(model, cache: KVCache, tokens_B, *, live_B=None, n_loops: int | 
     """
     _check_kv_mode(kv_mode)
     n_loops = _check_n_loops(model, n_loops)
-    validate_rule(exit_rule, n_loops)
+    validate_exit_rule(exit_rule, n_loops, model.cfg.exit_gate)
     if int(cache.length) >= cache.capacity:
         raise ValueError(f"cache is full ({cache.capacity} tokens): allocate a larger capacity at prefill")
     tokens_B = jnp.asarray(tokens_B, jnp.int32)
@@ -221,7 +221,7 @@ def generate(model, prompt_BS, max_new_tokens: int, *, attention_mask=None, exit
     max_new_tokens = int(max_new_tokens)
     _check_kv_mode(kv_mode)
     n_loops = _check_n_loops(model, n_loops)
-    validate_rule(exit_rule, n_loops)
+    validate_exit_rule(exit_rule, n_loops, model.cfg.exit_gate)
     sampling = as_sampling(sampling)
     if stop_tokens is None:
         stop_tokens = ()
