@@ -26,10 +26,12 @@ import jax.numpy as jnp
 
 from loopjax.config import LoopedConfig
 from loopjax.layers import dtype
+from loopjax.partitioning import with_logical_constraint
 
 KV_MODES = ("per_step", "last_step", "compute_all")
-# Logical axes of a cache array, for sharding by the same rules as activations (batch, kv heads).
-CACHE_AXES = (None, "batch", None, "kv_heads", "head_dim")
+# Logical axes of the cache arrays: sharded like activations (batch rows, kv heads) under ``use_rules``.
+KV_AXES = (None, "activation_batch", "activation_length", "activation_kv_heads", None)
+ROW_AXES = ("activation_batch", "activation_length")
 
 
 @jax.tree_util.register_dataclass
@@ -66,6 +68,13 @@ class KVCache:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
 
 
+def constrain(cache: KVCache) -> KVCache:
+    """Shard the cache by the active logical rules (identity outside ``partitioning.use_rules``)."""
+    def one(x):
+        return with_logical_constraint(x, KV_AXES if x.ndim == 5 else ROW_AXES if x.ndim == 2 else (None,) * x.ndim)
+    return jax.tree.map(one, cache)
+
+
 def core_slots(cfg: LoopedConfig, n_loops: int, kv_mode: str) -> int:
     """Number of core cache slots for a KV mode."""
     return cfg.n_layers if kv_mode == "last_step" else n_loops * cfg.n_layers
@@ -79,11 +88,11 @@ def init_cache(cfg: LoopedConfig, batch: int, capacity: int, *, n_loops: int, kv
         return jnp.zeros((n, batch, capacity, cfg.kv_heads, cfg.d_head), kv_dt)
 
     n_core = core_slots(cfg, n_loops, kv_mode)
-    return KVCache(core_k=zeros(n_core), core_v=zeros(n_core), prelude_k=zeros(cfg.n_prelude),
-                   prelude_v=zeros(cfg.n_prelude), coda_k=zeros(cfg.n_coda), coda_v=zeros(cfg.n_coda),
-                   positions_BC=jnp.zeros((batch, capacity), jnp.int32),
-                   valid_BC=jnp.zeros((batch, capacity), bool),
-                   next_pos_B=jnp.zeros((batch,), jnp.int32), length=jnp.zeros((), jnp.int32))
+    return constrain(KVCache(core_k=zeros(n_core), core_v=zeros(n_core), prelude_k=zeros(cfg.n_prelude),
+                             prelude_v=zeros(cfg.n_prelude), coda_k=zeros(cfg.n_coda), coda_v=zeros(cfg.n_coda),
+                             positions_BC=jnp.zeros((batch, capacity), jnp.int32),
+                             valid_BC=jnp.zeros((batch, capacity), bool),
+                             next_pos_B=jnp.zeros((batch,), jnp.int32), length=jnp.zeros((), jnp.int32)))
 
 
 def write_slot(c_NBCKH: jax.Array, slot, start, kv_BSKH: jax.Array) -> jax.Array:

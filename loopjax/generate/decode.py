@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from loopjax.generate.cache import KVCache, fill_skipped_steps, write_slot, write_slot_rows
+from loopjax.generate.cache import KVCache, constrain, fill_skipped_steps, write_slot, write_slot_rows
 from loopjax.halting import rule_fires
 from loopjax.layers import DecoderLayer, attention_mask, rope_cos_sin
 
@@ -120,7 +120,7 @@ def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, 
                     positions_BC=jax.lax.dynamic_update_slice(cache.positions_BC, pos_BS, (0, 0)),
                     valid_BC=jax.lax.dynamic_update_slice(cache.valid_BC, mask_BS, (0, 0)),
                     next_pos_B=pos_BS[:, -1] + 1, length=jnp.asarray(s, jnp.int32))
-    return cache, StepOutput(logits_BV=logits, exit_step_B=exit_BS[:, -1], n_iterations=jnp.asarray(n_loops, jnp.int32))
+    return constrain(cache), StepOutput(logits_BV=logits, exit_step_B=exit_BS[:, -1], n_iterations=jnp.asarray(n_loops, jnp.int32))
 
 
 def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *, n_loops: int, kv_mode: str,
@@ -194,4 +194,4 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
 
     cache = KVCache(core_k=ck, core_v=cv, prelude_k=pk, prelude_v=pv, coda_k=dk, coda_v=dv,
                     positions_BC=positions_BC, valid_BC=valid_BC, next_pos_B=cache.next_pos_B + 1, length=idx + 1)
-    return cache, StepOutput(logits_BV=logits, exit_step_B=exit_B1[:, 0], n_iterations=n_iter)
+    return constrain(cache), StepOutput(logits_BV=logits, exit_step_B=exit_B1[:, 0], n_iterations=n_iter)

@@ -21,6 +21,7 @@ from flax import nnx
 from loopjax.generate import decode
 from loopjax.generate.cache import KV_MODES, KVCache, init_cache
 from loopjax.halting import validate_exit_rule
+from loopjax.partitioning import active_rules
 from loopjax.generate.sampling import Sampling, as_sampling, sample, sampling_args
 
 
@@ -108,18 +109,19 @@ def _sizes(cfg, s: int, n: int, cache_len: int | None) -> tuple[int, int, int]:
     return s_pad, n_buf, capacity
 
 
-_STATIC = ("graphdef", "n_loops", "kv_mode", "exit_rule")
+# "rules": the active (mesh, logical rules), read at trace time, so entering ``use_rules`` retraces.
+_STATIC = ("graphdef", "n_loops", "kv_mode", "exit_rule", "rules")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("capacity",))
-def _prefill_jit(graphdef, state, tokens_BS, mask_BS, *, n_loops, kv_mode, exit_rule, capacity):
+def _prefill_jit(graphdef, state, tokens_BS, mask_BS, *, n_loops, kv_mode, exit_rule, rules, capacity):
     model = nnx.merge(graphdef, state)
     cache = init_cache(model.cfg, tokens_BS.shape[0], capacity, n_loops=n_loops, kv_mode=kv_mode)
     return decode.prefill(model, tokens_BS, mask_BS, cache, n_loops=n_loops, kv_mode=kv_mode, exit_rule=exit_rule)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def _decode_jit(graphdef, state, cache, tokens_B, live_B, *, n_loops, kv_mode, exit_rule):
+def _decode_jit(graphdef, state, cache, tokens_B, live_B, *, n_loops, kv_mode, exit_rule, rules):
     model = nnx.merge(graphdef, state)
     return decode.decode_step(model, cache, tokens_B, live_B, n_loops=n_loops, kv_mode=kv_mode, exit_rule=exit_rule)
 
@@ -137,7 +139,7 @@ def prefill(model, prompt_BS, attention_mask=None, *, capacity: int, n_loops: in
     _sizes(model.cfg, prompt.shape[1], 0, capacity)
     graphdef, state = nnx.split(model)
     return _prefill_jit(graphdef, state, jnp.asarray(prompt), jnp.asarray(mask), n_loops=n_loops, kv_mode=kv_mode,
-                        exit_rule=exit_rule, capacity=capacity)
+                        exit_rule=exit_rule, rules=active_rules(), capacity=capacity)
 
 
 def decode_step(model, cache: KVCache, tokens_B, *, live_B=None, n_loops: int | None = None,
@@ -155,12 +157,12 @@ def decode_step(model, cache: KVCache, tokens_B, *, live_B=None, n_loops: int | 
     live_B = jnp.ones(tokens_B.shape, bool) if live_B is None else jnp.asarray(live_B, bool)
     graphdef, state = nnx.split(model)
     return _decode_jit(graphdef, state, cache, tokens_B, live_B, n_loops=n_loops, kv_mode=kv_mode,
-                       exit_rule=exit_rule)
+                       exit_rule=exit_rule, rules=active_rules())
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("greedy", "n_buf", "capacity", "return_logits"))
 def _generate_jit(graphdef, state, tokens_BS, mask_BS, max_new, key, stop_ids, pad_id, sampling_args, *, n_loops,
-                  kv_mode, exit_rule, greedy, n_buf, capacity, return_logits):
+                  kv_mode, exit_rule, rules, greedy, n_buf, capacity, return_logits):
     model = nnx.merge(graphdef, state)
     b = tokens_BS.shape[0]
     cache = init_cache(model.cfg, b, capacity, n_loops=n_loops, kv_mode=kv_mode)
@@ -243,6 +245,7 @@ def generate(model, prompt_BS, max_new_tokens: int, *, attention_mask=None, exit
     out = _generate_jit(graphdef, state, jnp.asarray(prompt), jnp.asarray(mask), jnp.asarray(max_new_tokens, jnp.int32),
                         jax.random.key(seed), jnp.asarray(stop), jnp.asarray(pad_token_id, jnp.int32),
                         sampling_args(sampling), n_loops=n_loops, kv_mode=kv_mode, exit_rule=exit_rule,
+                        rules=active_rules(),
                         greedy=sampling.greedy, n_buf=n_buf,
                         capacity=capacity, return_logits=return_logits)
     n = max_new_tokens
