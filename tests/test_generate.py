@@ -392,3 +392,20 @@ def test_sharded_generation_matches_single_device():
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
     spec = cache.core_k.sharding.spec
     assert tuple(spec)[:4] == (None, "data", None, "tensor"), spec
+
+
+def test_generate_text_bytes_round_trip():
+    """Without a tokenizer text is UTF-8 bytes; the per-token pieces and exit steps line up with the tokens."""
+    model = _model(vocab_size=256)
+    res = lj.generate_text(model, "héllo", max_new_tokens=5, exit_rule=lj.QExit(0.6))
+    direct = generate(model, np.asarray([list("héllo".encode())], np.int32), 5, exit_rule=lj.QExit(0.6))
+    assert res.token_ids == [int(t) for t in np.asarray(direct.tokens[0])]
+    assert res.exit_steps == [int(e) for e in np.asarray(direct.exit_steps[0])]
+    assert len(res.token_texts) == 5 and not res.stopped
+    stop = res.token_ids[1]
+    cut = lj.generate_text(model, "héllo", max_new_tokens=5, stop_tokens=[stop], exit_rule=lj.QExit(0.6))
+    first = res.token_ids.index(stop)
+    assert cut.stopped and cut.token_ids == res.token_ids[:first + 1]
+    assert cut.text == bytes(res.token_ids[:first]).decode("utf-8", errors="replace")
+    with pytest.raises(ValueError, match="at least 256"):
+        lj.generate_text(_model(), "hi")
