@@ -187,3 +187,67 @@ def ouro_1_4b(**overrides: Any) -> LoopedConfig:
 def ouro_2_6b(**overrides: Any) -> LoopedConfig:
     """ByteDance Ouro-2.6B: as Ouro-1.4B with 48 layers."""
     return _ouro(48, **overrides)
+
+
+OBJECTIVES = ("ouro", "pondernet", "act", "ouro_gate", "final", "mixture")
+
+
+@dataclasses.dataclass(frozen=True)
+class HaltingConfig:
+    """How the exit gate is trained and how many loops a training step runs.
+
+    Fields:
+      objective: "ouro" (Σ_t p_t·CE_t − β·H(p), Ouro stage I), "pondernet" (Σ_t p_t·CE_t + β·KL(p ‖ truncated
+        Geometric(geometric_lambda))), "act" (CE of the remainder-weighted state + ponder_tau·(N + R)),
+        "ouro_gate" (Ouro stage II: gate-only BCE towards σ(gate_k·(I_t − gate_gamma))), "final" (CE of the last
+        loop), "mixture" (CE of Σ_t p_t·logits_t, the released Ouro code's loss).
+      beta: weight of the entropy bonus ("ouro") or of the KL term ("pondernet"); >= 0.
+      geometric_lambda: PonderNet prior parameter in (0, 1).
+      act_eps, ponder_tau: ACT's halting threshold 1 − eps, in (0, 1), and ponder cost weight, >= 0.
+      gate_k, gate_gamma: slope (> 0) and improvement threshold (>= 0) of the stage II targets.
+      chunked: compute per-step CE in a scan over loops from step states (one [B, S, V] block at a time)
+        instead of from materialised [T, B, S, V] step logits.
+      random_loops: sample each step's loop count n ~ 1 + Poisson(LogNormal(log mean_loops − σ²/2, loops_sigma)),
+        clipped to max_loops, run in one compiled scan of max_loops, backpropagating through the last
+        backprop_loops iterations only.
+    """
+
+    objective: str = "ouro"
+    beta: float = 0.1
+    geometric_lambda: float = 0.2
+    act_eps: float = 0.01
+    ponder_tau: float = 0.01
+    gate_k: float = 50.0
+    gate_gamma: float = 0.005
+    chunked: bool = False
+    random_loops: bool = False
+    mean_loops: float = 4.0
+    loops_sigma: float = 0.5
+    max_loops: int = 16
+    backprop_loops: int = 8
+
+    def __post_init__(self) -> None:
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_float("beta", self.beta, 0.0, lo_open=False)
+        _check_float("geometric_lambda", self.geometric_lambda, 0.0, 1.0)
+        if self.geometric_lambda >= 1.0:
+            _fail("geometric_lambda", self.geometric_lambda, "a float in (0, 1)")
+        _check_float("act_eps", self.act_eps, 0.0, 1.0)
+        if self.act_eps >= 1.0:
+            _fail("act_eps", self.act_eps, "a float in (0, 1)")
+        _check_float("ponder_tau", self.ponder_tau, 0.0, lo_open=False)
+        _check_float("gate_k", self.gate_k, 0.0)
+        _check_float("gate_gamma", self.gate_gamma, 0.0, lo_open=False)
+        for name in ("chunked", "random_loops"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "a bool")
+        _check_float("mean_loops", self.mean_loops, 0.0)
+        _check_float("loops_sigma", self.loops_sigma, 0.0)
+        _check_int("max_loops", self.max_loops, 1)
+        _check_int("backprop_loops", self.backprop_loops, 1, self.max_loops)
+        if self.mean_loops > self.max_loops:
+            _fail("mean_loops", self.mean_loops, f"<= max_loops={self.max_loops}")
+
+    def replace(self, **overrides: Any) -> HaltingConfig:
+        """A copy with some fields changed (validated; unknown names raise with near matches)."""
+        return replace_checked(self, **overrides)

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from loopjax.config import LoopedConfig
+from loopjax import halting
 from loopjax.halting import exit_distribution
 from loopjax.layers import DecoderLayer, RMSNorm, attention_mask, dtype, make_param, rope_cos_sin
-from loopjax.looped import LoopedCore
+from loopjax.looped import LoopedCore, remat
 
 
 @jax.tree_util.register_dataclass
@@ -87,7 +88,8 @@ class LoopedLM(nnx.Module):
 
     def __call__(self, tokens_BS: jax.Array, *, n_loops: int | None = None, positions_BS: jax.Array | None = None,
                  attention_mask_BS: jax.Array | None = None, return_steps: bool = False,
-                 use_scan: bool = True) -> LoopedOutput:
+                 use_scan: bool = True, exit_rule=None, run_all_loops: bool = False, max_loops: int | None = None,
+                 backprop_loops: int | None = None) -> LoopedOutput:
         """Run the model on int tokens [B, S].
 
         n_loops: loops to run (default ``cfg.n_loops``; any count >= 1, more than trained extrapolates).
@@ -95,10 +97,27 @@ class LoopedLM(nnx.Module):
         attention_mask_BS: 1 for real tokens, 0 for padding (keys at 0 are hidden from every query).
         return_steps: also return per-loop ``step_logits`` and ``step_hidden``.
         use_scan: False runs the loops as an unrolled Python loop (reference / benchmark path).
+        exit_rule: a ``halting`` exit rule (``FixedExit``, ``QExit``, ``ACTExit``, ``ConvergenceExit``); runs at
+          most ``n_loops`` loops in a masked ``lax.while_loop``, freezing each token once its rule fires (see
+          ``loopjax.halting``), and fills ``exit_step`` and ``n_iterations``.
+        run_all_loops: with ``exit_rule``, every token runs all ``n_loops`` (a differentiable scan) and the rule
+          only selects each token's read-out loop (the published Ouro behaviour).
+        max_loops, backprop_loops: random loop-count training: ``n_loops`` may be a traced int scalar (1..
+          max_loops), run in one compiled scan of ``max_loops``; gradients flow through the last
+          ``backprop_loops`` iterations only (None = all).
         """
         n_loops = self.cfg.n_loops if n_loops is None else n_loops
-        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+        if max_loops is not None:
+            halting.validate_loop_budget(max_loops, backprop_loops, exit_rule, return_steps)
+        elif isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
             raise ValueError(f"n_loops={n_loops!r}: must be an int >= 1")
+        if exit_rule is not None or run_all_loops or max_loops is not None:
+            if not use_scan:
+                raise ValueError("use_scan=False: must be True with exit_rule / run_all_loops / max_loops")
+            if run_all_loops and exit_rule is None:
+                raise ValueError("run_all_loops=True: needs an exit_rule (it selects each token's read-out loop)")
+            if max_loops is None:
+                halting.validate_exit_rule(exit_rule, n_loops, self.core.gate is not None)
         if tokens_BS.ndim != 2:
             raise ValueError(f"tokens_BS.shape={tokens_BS.shape}: must be [batch, seq]")
         b, s = tokens_BS.shape
@@ -111,6 +130,10 @@ class LoopedLM(nnx.Module):
         e = self.embed_tokens(tokens_BS)
         for layer in self.prelude:
             e = layer(e, cos, sin, mask)
+        if exit_rule is not None or max_loops is not None:
+            return self._halting_call(e, cos, sin, mask, n_loops=n_loops, exit_rule=exit_rule,
+                                      run_all_loops=run_all_loops, max_loops=max_loops,
+                                      backprop_loops=backprop_loops, return_steps=return_steps)
         core = self.core(e, cos, sin, mask, n_loops=n_loops, record_steps=return_steps, use_scan=use_scan)
 
         logits = self.readout(core.out_BSD, cos, sin, mask)
@@ -123,6 +146,33 @@ class LoopedLM(nnx.Module):
             exit_pdf = exit_distribution(gate_BST)
         return LoopedOutput(logits=logits, hidden=core.out_BSD, step_logits=step_logits,
                             step_hidden=core.step_out_TBSD, gate_logits=gate_BST, exit_pdf=exit_pdf)
+
+    def _halting_call(self, e_BSD, cos_BSh, sin_BSh, mask_BSS, *, n_loops, exit_rule, run_all_loops, max_loops,
+                      backprop_loops, return_steps) -> LoopedOutput:
+        """Exit-rule and traced-loop-count calls: the core's step driven by a ``halting`` executor."""
+        graphdef, state = nnx.split(self.core)
+
+        def body(state, h):
+            return nnx.merge(graphdef, state).step(h, e_BSD, cos_BSh, sin_BSh, mask_BSS)
+
+        scan_body = remat(body, self.cfg.remat_policy, in_scan=True)
+        h0 = self.core.initial_state(e_BSD)
+        has_gate = self.core.gate is not None
+        if max_loops is not None:
+            res = halting.truncated_loop(lambda h: scan_body(state, h), h0, n_loops, max_loops, backprop_loops)
+        elif run_all_loops:
+            res = halting.all_loops(lambda h: scan_body(state, h), h0, exit_rule, n_loops, has_gate=has_gate,
+                                    record_steps=return_steps, unroll=self.cfg.scan_unroll)
+        else:  # no reverse mode through while_loop, so no remat either
+            res = halting.adaptive_loop(lambda h: body(state, h), h0, exit_rule, n_loops, has_gate=has_gate,
+                                        record_steps=return_steps)
+        step_logits = None
+        if res.step_out_TBSD is not None:
+            step_logits = jax.vmap(lambda o: self.readout(o, cos_BSh, sin_BSh, mask_BSS))(res.step_out_TBSD)
+        return LoopedOutput(logits=self.readout(res.out_BSD, cos_BSh, sin_BSh, mask_BSS), hidden=res.out_BSD,
+                            step_logits=step_logits, step_hidden=res.step_out_TBSD, gate_logits=res.gate_BST,
+                            exit_pdf=None if res.gate_BST is None else exit_distribution(res.gate_BST),
+                            exit_step=res.exit_step_BS, n_iterations=res.n_iterations)
 
 
 def count_params(model: nnx.Module) -> int:
