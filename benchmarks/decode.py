@@ -1,0 +1,139 @@
+"""Decode throughput of ``lj.generate``: tokens/s and loop iterations per token, per KV mode and exit rule.
+
+    python -m benchmarks.decode [--configs small medium] [--batches 1 16] [--qs 0.5 0.7 0.85] [--repeats 3]
+                                [--out benchmarks/results/decode.json]
+
+For each config (the training benchmark's ``small`` / ``medium``, float32), batch size, exit rule (fixed L, then
+``QExit(q)``) and KV mode it compiles ``generate`` for a 32-token prompt and 128 greedy new tokens, then times
+whole calls (one dispatch each; modes interleaved so machine noise hits them alike). Decode tokens/s excludes the
+prefill: (t(128 new) − t(1 new)) / 127 per row. The gate of an untrained model gives λ ≈ σ(0) = 0.5 per loop, so
+the exit CDF is ≈ 0.5, 0.75, 0.875, 1 and q = 0.5 / 0.7 / 0.85 exit after 1 / 2 / 3 of 4 loops: a controlled
+depth. Also: prefill tokens/s, cache bytes, and a measured copy bandwidth and matmul rate of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import loopjax as lj
+from loopjax.generate import init_cache
+
+CONFIGS = {
+    "small": dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=1024, n_loops=4),
+    "medium": dict(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408, n_loops=4),
+}
+MODES = ("per_step", "last_step", "compute_all")
+
+
+def machine_rates() -> dict:
+    """Measured copy bandwidth (GB/s, read + write) and float32 matmul rate (GFLOP/s) of this device."""
+    x = jnp.ones((64 * 2 ** 20 // 4,), jnp.float32)
+    a = jnp.ones((1024, 1024), jnp.float32)
+    copy, mm = jax.jit(lambda v: v + 1.0), jax.jit(lambda m: m @ m)
+    out = {}
+    for name, fn, arg, work in (("copy_GBps", copy, x, 2 * x.nbytes / 1e9), ("matmul_GFLOPs", mm, a, 2 * 1024 ** 3 / 1e9)):
+        jax.block_until_ready(fn(arg))
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(arg))
+            ts.append(time.perf_counter() - t0)
+        out[name] = work / statistics.median(ts)
+    return out
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_config(name: str, batches, qs, repeats: int, prompt_len: int, new_tokens: int) -> list[dict]:
+    cfg = lj.LoopedConfig(**CONFIGS[name], max_seq_len=prompt_len + new_tokens)
+    model = lj.LoopedLM(cfg, rngs=nnx.Rngs(0))
+    rows = []
+    for b in batches:
+        prompt = np.asarray(jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size), np.int32)
+        for rule in [None] + [lj.QExit(q) for q in qs]:
+            calls = {}
+            for mode in MODES:
+                def run(n, mode=mode):
+                    return generate_tokens(model, prompt, n, rule, mode)
+                out = run(new_tokens)  # compile + warm
+                run(1)
+                calls[mode] = (run, out)
+            times = {m: {"full": [], "prefill": []} for m in MODES}
+            for _ in range(repeats):  # interleave modes
+                for m in MODES:
+                    times[m]["full"] += timed(lambda: calls[m][0](new_tokens).tokens, 1)
+                    times[m]["prefill"] += timed(lambda: calls[m][0](1).tokens, 1)
+            for m in MODES:
+                out = calls[m][1]
+                t_full, t_pre = statistics.median(times[m]["full"]), statistics.median(times[m]["prefill"])
+                decode_s = max(t_full - t_pre, 1e-9) / (new_tokens - 1)
+                iters = np.asarray(out.n_iterations)[1:]
+                cache = jax.eval_shape(lambda: init_cache(cfg, b, prompt_len + new_tokens, n_loops=cfg.n_loops,
+                                                          kv_mode=m))
+                rows.append(dict(config=name, batch=b, rule="fixed L" if rule is None else f"QExit({rule.q})",
+                                 kv_mode=m, decode_tok_s=b / decode_s, ms_per_step=1e3 * decode_s,
+                                 loop_iters_per_token=float(iters.mean()),
+                                 mean_exit=float(np.asarray(out.exit_steps)[:, 1:].mean()),
+                                 prefill_tok_s=b * prompt_len / t_pre,
+                                 cache_MB=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2 ** 20))
+                print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def generate_tokens(model, prompt, n, rule, mode):
+    return lj.generate(model, prompt, n, exit_rule=rule, kv_mode=mode)
+
+
+HEADER = (f"{'config':7} {'B':>3} {'rule':12} {'kv_mode':12} {'decode tok/s':>12} {'ms/step':>8} {'iters/tok':>9} "
+          f"{'mean exit':>9} {'prefill tok/s':>13} {'cache MB':>8}")
+
+
+def _fmt(r: dict) -> str:
+    return (f"{r['config']:7} {r['batch']:>3} {r['rule']:12} {r['kv_mode']:12} {r['decode_tok_s']:12.1f} "
+            f"{r['ms_per_step']:8.2f} {r['loop_iters_per_token']:9.2f} {r['mean_exit']:9.2f} "
+            f"{r['prefill_tok_s']:13.0f} {r['cache_MB']:8.2f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["small"], choices=list(CONFIGS))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--qs", type=float, nargs="+", default=[0.5, 0.7, 0.85])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", default="benchmarks/results/decode.json")
+    args = ap.parse_args(argv)
+
+    rates = machine_rates()
+    print(f"device: {jax.devices()[0].device_kind}, copy {rates['copy_GBps']:.1f} GB/s, "
+          f"matmul {rates['matmul_GFLOPs']:.1f} GFLOP/s")
+    print(HEADER, flush=True)
+    rows = []
+    for name in args.configs:
+        rows += bench_config(name, args.batches, args.qs, args.repeats, args.prompt_len, args.new_tokens)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(args=vars(args), machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+                                                     backend=jax.default_backend(), **rates), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
