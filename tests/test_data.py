@@ -1,6 +1,8 @@
 """Input pipelines and the byte-level text source: packing, sharding, shuffling, exact resume, workers."""
 
+import faulthandler
 import itertools
+import json
 import os
 import pickle
 
@@ -167,7 +169,7 @@ def test_resume_from_state_is_exact_for_task_source():
     state = it.get_state()
     expected = take(it, 7)  # 18 rows per shard, 4 per batch: crosses epochs
     resumed = iter(make_pipeline(src, **kwargs))
-    resumed.set_state(state)
+    resumed.set_state(json.loads(json.dumps(state)))  # the state travels as JSON beside a checkpoint
     assert_same_batches(take(resumed, 7), expected)
     assert expected[0]["inputs"].shape == (4, 13) and expected[0]["mask"].dtype == np.float32
 
@@ -189,11 +191,19 @@ def test_pipeline_rejects_bad_arguments():
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_resume():
     src = PHop(alphabet=4, n=12, hops=(2,)).source(seed=1, num_examples=64)
-    kwargs = dict(batch_size=4, seed=3, process_index=0, process_count=1)
-    reference = take(iter(make_pipeline(src, **kwargs)), 8)
-    it = iter(make_pipeline(src, worker_count=2, **kwargs))
-    assert_same_batches(take(it, 5), reference[:5])
-    state = it.get_state()
-    resumed = iter(make_pipeline(src, worker_count=2, **kwargs))
-    resumed.set_state(state)
-    assert_same_batches(take(resumed, 3), reference[5:])
+    kwargs = dict(batch_size=4, seed=3, process_index=0, process_count=1, worker_count=2)
+    faulthandler.dump_traceback_later(300, exit=True)  # a stuck worker fails CI loudly instead of hanging it
+    reference = take(iter(make_pipeline(src, **{**kwargs, "worker_count": 0})), 8)
+    it = iter(make_pipeline(src, **kwargs))
+    try:
+        assert_same_batches(take(it, 5), reference[:5])
+        state = it.get_state()
+    finally:
+        it.close()  # stop the worker processes now rather than at garbage collection
+    resumed = iter(make_pipeline(src, **kwargs))
+    try:
+        resumed.set_state(json.loads(json.dumps(state)))
+        assert_same_batches(take(resumed, 3), reference[5:])
+    finally:
+        resumed.close()
+        faulthandler.cancel_dump_traceback_later()
