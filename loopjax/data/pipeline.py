@@ -50,7 +50,9 @@ def make_pipeline(source, *, batch_size: int, seed: int, shuffle: bool = True, n
       shuffle: False keeps source order (evaluation).
       num_epochs: passes over this process's shard; None repeats forever.
       process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
-      worker_count: > 0 runs the pipeline in that many grain worker processes (``mp_prefetch``).
+      worker_count: > 0 runs the pipeline in that many grain worker processes (``mp_prefetch``); call the
+        iterator's ``close()`` when done to stop them promptly. Its ``get_state()`` differs in form from the
+        in-process one, so resume with the same ``worker_count``.
       drop_remainder: drop a last partial batch (keep True for training: jitted steps want one shape).
     """
     import grain  # deferred: keeps `import loopjax` light for users without an input pipeline
