@@ -8,11 +8,12 @@ Definitions, for v = (v_1, ..., v_n) over an alphabet Σ and 1 <= i <= n:
 Generator (plants a full chain, then fills without shortcuts). Chain positions n = i_0 > i_1 > ... > i_p >= 2 with
 gaps i_{t-1} - i_t >= 2 are drawn uniformly (a uniform composition of the n - 2 - 2p slack positions into p + 1
 parts), so the hops spread over the whole sequence. Chain tokens c_0 uniform, c_{t+1} uniform in Σ \\ {c_t}. Plant
-v_{i_t} = c_t and the anchor v_{i_{t+1}-1} = c_t (the earlier copy of c_t that hop t+1 lands after). Every other
+v_{i_t} = c_t and the anchor v_{i_{t+1}-1} = c_t (the earlier copy of c_t; hop t+1 lands right after it). Every other
 position k in the segment i_{t+1} <= k <= i_t - 1 of hop t gets a token uniform in Σ \\ {c_t}, so the anchor is the
 latest copy of c_t before i_t: find_1(v, i_t) = i_{t+1} exactly, and no filler opens a shorter chain. Positions
 before the last anchor are uniform in Σ. Hence find_t(v, n) = i_t for t = 0..p, strictly decreasing, and
-hop_p(v) = c_p.
+hop_p(v) = c_p. (Sanford et al.'s own code instead draws v with v_i != v_(i-1) and labels every position, where
+⊥ can occur; here every example has a full p-hop answer, which is what the single-label accuracy needs.)
 
 Sequence layout: prompt = [HOP_p, v_1, ..., v_n] where HOP_p names the number of hops (so one model can train on a
 mixture of p), answer = [hop_p(v)]. Vocabulary: alphabet tokens 0..a-1, PAD = a, HOP_p = a + p for
