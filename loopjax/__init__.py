@@ -9,6 +9,7 @@ from loopjax.halting import (ACTExit, ConvergenceExit, FixedExit, QExit, act_los
 from loopjax.looped import LoopedCore
 from loopjax.model import LoopedLM, LoopedOutput, count_params
 from loopjax import data  # cheap: grain is imported only when a pipeline is built
+from loopjax.convert import load_ouro, save_ouro
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "HaltingConfig", "FixedExit", "QExit", "ACTExit", "ConvergenceExit", "act_loss", "chunked_step_cross_entropy",
     "exit_cdf", "final_step_loss", "halting_loss", "mixture_logits", "mixture_logits_loss", "ouro_expected_loss",
     "ouro_gate_loss", "pondernet_loss", "sample_loop_count", "step_cross_entropy", "ouro_2_6b", "tiny", "train_flops",
+    "load_ouro", "save_ouro",
 ]
