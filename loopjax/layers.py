@@ -94,16 +94,21 @@ class Attention(nnx.Module):
         v = checkpoint_name(jnp.einsum("bsd,dkh->bskh", x, self.wv[...].astype(cdt)), "value_proj")
         return apply_rope(q, cos_BSh, sin_BSh), apply_rope(k, cos_BSh, sin_BSh), v
 
-    def attend(self, q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, mask_BST: jax.Array) -> jax.Array:
-        """Softmax attention (float32 scores) of q over k/v, then the output projection: [B, S, D]."""
+    def probs(self, q_BSNH: jax.Array, k_BTKH: jax.Array, mask_BST: jax.Array) -> jax.Array:
+        """Attention probabilities [B, K, G, S, T], float32; query head j is (kv head j // G, group j % G)."""
         b, s, n, h = q_BSNH.shape
         kv = k_BTKH.shape[2]
-        q = q_BSNH.reshape(b, s, kv, n // kv, h)  # query head j uses kv head j // G
+        q = q_BSNH.reshape(b, s, kv, n // kv, h)
         scores = jnp.einsum("bskgh,btkh->bkgst", q, k_BTKH, preferred_element_type=jnp.float32)
         scores = scores * (h ** -0.5)
         big_neg = jnp.finfo(jnp.float32).min
         scores = jnp.where(mask_BST[:, None, None, :, :], scores, big_neg)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_BTKH.dtype)
+        return jax.nn.softmax(scores, axis=-1)
+
+    def attend(self, q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, mask_BST: jax.Array) -> jax.Array:
+        """Softmax attention (float32 scores) of q over k/v, then the output projection: [B, S, D]."""
+        b, s, n, h = q_BSNH.shape
+        probs = self.probs(q_BSNH, k_BTKH, mask_BST).astype(v_BTKH.dtype)
         out = jnp.einsum("bkgst,btkh->bskgh", probs, v_BTKH).reshape(b, s, n, h)
         out = jnp.einsum("bsnh,nhd->bsd", out, self.wo[...].astype(out.dtype))
         return checkpoint_name(out, "attn_out")
