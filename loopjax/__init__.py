@@ -8,6 +8,8 @@ from loopjax.halting import (ACTExit, ConvergenceExit, FixedExit, QExit, act_los
                              sample_loop_count, step_cross_entropy)
 from loopjax.looped import LoopedCore
 from loopjax.model import LoopedLM, LoopedOutput, count_params
+from loopjax.config import MeshConfig
+from loopjax.sharding import make_mesh
 from loopjax import data  # cheap: grain is imported only when a pipeline is built
 from loopjax.convert import load_ouro, save_ouro
 
@@ -20,4 +22,5 @@ __all__ = [
     "exit_cdf", "final_step_loss", "halting_loss", "mixture_logits", "mixture_logits_loss", "ouro_expected_loss",
     "ouro_gate_loss", "pondernet_loss", "sample_loop_count", "step_cross_entropy", "ouro_2_6b", "tiny", "train_flops",
     "load_ouro", "save_ouro",
+    "MeshConfig", "make_mesh",
 ]

@@ -189,6 +189,64 @@ def ouro_2_6b(**overrides: Any) -> LoopedConfig:
     return _ouro(48, **overrides)
 
 
+SHARDING_PRESETS = ("dp", "fsdp", "fsdp_tp")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (axes ``data``, ``fsdp``, ``tensor``) and the sharding-rule preset applied on it.
+
+    Fields:
+      data, fsdp, tensor: axis sizes; one of them may be -1 = all remaining devices.
+      rules: "dp" (batch over ``data``, parameters replicated), "fsdp" (batch over ``data`` and ``fsdp``,
+        parameters and optimizer state sharded over ``fsdp``), "fsdp_tp" (as fsdp, plus heads / MLP / vocab
+        dimensions over ``tensor``). An axis the preset does not use must be 1 (it would only duplicate work).
+    On several slices (multi-slice TPU), the slices are laid along ``data``, which must be a multiple of them.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: str = "dp"
+
+    def __post_init__(self) -> None:
+        for name in MESH_AXES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+                _fail(name, value, "an int >= 1, or -1 (fill with the remaining devices)")
+        fills = [n for n in MESH_AXES if getattr(self, n) == -1]
+        if len(fills) > 1:
+            _fail(fills[1], -1, f"a size >= 1: only one axis may be -1 (already {fills[0]}=-1)")
+        _check_choice("rules", self.rules, SHARDING_PRESETS)
+        unused = {"dp": ("fsdp", "tensor"), "fsdp": ("tensor",), "fsdp_tp": ()}[self.rules]
+        for name in unused:
+            if getattr(self, name) != 1:
+                _fail(name, getattr(self, name), f"1 under rules={self.rules!r}, which does not use the {name!r} "
+                      "axis (choose rules='fsdp' or 'fsdp_tp')")
+
+    def axis_sizes(self, n_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) sizes for ``n_devices`` devices, with -1 resolved."""
+        sizes = [getattr(self, n) for n in MESH_AXES]
+        known = 1
+        for s in sizes:
+            known *= s if s != -1 else 1
+        if -1 in sizes:
+            if n_devices % known:
+                i = sizes.index(-1)
+                _fail(MESH_AXES[i], -1, f"fillable: the other axes' product {known} does not divide the "
+                      f"{n_devices} devices")
+            sizes[sizes.index(-1)] = n_devices // known
+        elif known != n_devices:
+            raise ValueError(f"mesh data={self.data} x fsdp={self.fsdp} x tensor={self.tensor} = {known}: "
+                             f"must equal the {n_devices} devices (or set one axis to -1)")
+        return tuple(sizes)
+
+    def replace(self, **overrides: Any) -> MeshConfig:
+        """A copy with some fields changed (validated; unknown names raise with near matches)."""
+        return replace_checked(self, **overrides)
+
+
 OBJECTIVES = ("ouro", "pondernet", "act", "ouro_gate", "final", "mixture")
 
 

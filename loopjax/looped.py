@@ -17,6 +17,7 @@ from flax import nnx
 
 from loopjax.config import LoopedConfig
 from loopjax.layers import DecoderLayer, RMSNorm, dtype, make_param
+from loopjax.partitioning import ACTIVATION_BSD, with_logical_constraint
 
 _CKPT = jax.checkpoint_policies
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -95,7 +96,7 @@ class LoopedCore(nnx.Module):
         """One loop: (new carried state, read-out state, gate logit [B, S] or None)."""
         x = self.inject(h_BSD, e_BSD)
         for layer in self.layers:
-            x = layer(x, cos_BSh, sin_BSh, mask_BSS)
+            x = with_logical_constraint(layer(x, cos_BSh, sin_BSh, mask_BSS), ACTIVATION_BSD)
         out = self.norm(x)
         new_h = out if self.cfg.step_norm else x
         gate = self.gate(out) if self.gate is not None else None

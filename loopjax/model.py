@@ -13,6 +13,7 @@ from loopjax import halting
 from loopjax.halting import exit_distribution
 from loopjax.layers import DecoderLayer, RMSNorm, attention_mask, dtype, make_param, rope_cos_sin
 from loopjax.looped import LoopedCore, remat
+from loopjax.partitioning import ACTIVATION_BSD, LOGITS_BSV, with_logical_constraint
 
 
 @jax.tree_util.register_dataclass
@@ -78,7 +79,7 @@ class LoopedLM(nnx.Module):
             x = layer(x, cos_BSh, sin_BSh, mask_BSS)
         if self.coda_norm is not None:
             x = self.coda_norm(x)
-        return self.head(x)
+        return with_logical_constraint(self.head(x), LOGITS_BSV)
 
     def rope_and_mask(self, positions_BS: jax.Array, attention_mask_BS: jax.Array | None):
         """Rotary tables (computed once per forward, shared by every loop) and the [B, S, S] visibility mask."""
@@ -127,7 +128,7 @@ class LoopedLM(nnx.Module):
             positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         cos, sin, mask = self.rope_and_mask(positions_BS, attention_mask_BS)
 
-        e = self.embed_tokens(tokens_BS)
+        e = with_logical_constraint(self.embed_tokens(tokens_BS), ACTIVATION_BSD)
         for layer in self.prelude:
             e = layer(e, cos, sin, mask)
         if exit_rule is not None or max_loops is not None:
