@@ -341,12 +341,17 @@ def truncated_loop(step_fn: StepFn, h0_BSD: jax.Array, n_loops: jax.Array, max_l
 def sample_loop_count(key: jax.Array, mean_loops: float, max_loops: int, sigma: float = 0.5) -> jax.Array:
     """Log-normal Poisson loop count (Geiping et al. 2025): τ ~ N(log r̄ − σ²/2, σ), n = 1 + Poisson(e^τ).
 
-    E[e^τ] = r̄; the count is clipped to [1, max_loops]. Returns an int32 scalar (traced under jit).
+    E[e^τ] = r̄, so E[n] = 1 + r̄ before clipping to [1, max_loops]. The Poisson draw is by inverse CDF over
+    0..max_loops − 2 (exact for the clipped count, and cheap to compile). Returns an int32 scalar.
     """
-    k_norm, k_pois = jax.random.split(key)
+    k_norm, k_unif = jax.random.split(key)
     tau = math.log(mean_loops) - 0.5 * sigma ** 2 + sigma * jax.random.normal(k_norm)
-    n = 1 + jax.random.poisson(k_pois, jnp.exp(tau))
-    return jnp.clip(n, 1, max_loops).astype(jnp.int32)
+    rate = jnp.exp(tau)
+    j = jnp.arange(max(max_loops - 1, 1), dtype=jnp.float32)
+    cdf = jnp.cumsum(jnp.exp(j * tau - rate - jax.scipy.special.gammaln(j + 1.0)))
+    u = jax.random.uniform(k_unif)
+    draw = jnp.sum(cdf[: max_loops - 1] < u)  # P(draw >= m) = 1 − CDF(m − 1); saturates at max_loops − 1
+    return (1 + draw).astype(jnp.int32)
 
 
 def loop_kwargs(hcfg: HaltingConfig, key: jax.Array | None = None) -> dict[str, Any]:

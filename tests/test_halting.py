@@ -521,12 +521,18 @@ def test_truncated_backprop_gradients_of_early_loops_are_zero():
 
 
 def test_sampled_loop_counts_follow_the_log_normal_poisson():
+    """Histogram vs NumPy draws of clip(1 + Poisson(exp(N(log r̄ − σ²/2, σ))), 1, max)."""
     keys = jax.random.split(jax.random.key(0), 20000)
-    n = np.asarray(jax.vmap(lambda k: lj.sample_loop_count(k, 4.0, 64))(keys))
-    assert n.min() >= 1 and n.max() <= 64
-    assert abs(n.mean() - 5.0) < 0.1  # E[1 + Poisson(e^τ)] = 1 + r̄
-    clipped = np.asarray(jax.vmap(lambda k: lj.sample_loop_count(k, 4.0, 6))(keys[:2000]))
-    assert clipped.max() == 6
+    draw = jax.jit(jax.vmap(lambda k: jnp.stack([lj.sample_loop_count(k, 4.0, 64), lj.sample_loop_count(k, 4.0, 6)])))
+    n = np.asarray(draw(keys))
+    rng = np.random.default_rng(0)
+    ref = 1 + rng.poisson(np.exp(np.log(4.0) - 0.125 + 0.5 * rng.normal(size=200000)))
+    for col, hi in ((0, 64), (1, 6)):
+        assert n[:, col].min() >= 1 and n[:, col].max() <= hi
+        got = np.bincount(n[:, col], minlength=hi + 1) / len(n)
+        want = np.bincount(np.clip(ref, 1, hi), minlength=hi + 1)[: hi + 1] / len(ref)
+        assert 0.5 * np.abs(got[: hi + 1] - want).sum() < 0.02  # total variation
+    assert abs(n[:, 0].mean() - 5.0) < 0.1  # E[1 + Poisson(e^τ)] = 1 + r̄
     hcfg = lj.HaltingConfig(random_loops=True, mean_loops=3.0, max_loops=8, backprop_loops=2)
     kw = halting.loop_kwargs(hcfg, jax.random.key(1))
     assert kw["max_loops"] == 8 and kw["backprop_loops"] == 2 and 1 <= int(kw["n_loops"]) <= 8
