@@ -1,6 +1,8 @@
 """Generation: cached decoding vs full recompute and vs a float64 NumPy reference of each KV mode, padding,
 sampling, stopping, compile buckets, error cases."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -412,55 +414,14 @@ def test_generate_text_bytes_round_trip():
 
 
 # ---------------------------------------------------------------- Ouro reference parity
-def _ouro_dir():
-    import pathlib
-    for d in (pathlib.Path(__file__).parent / "data" / "ouro", pathlib.Path("/work/shared/ouro-reference")):
-        if (d / "reference.npz").exists() and (d / "model.safetensors").exists():
-            return d
-    pytest.skip("Ouro reference files not found (tests/data/ouro)")
-
-
-def _load_ouro_tiny(d):
-    """The reference checkpoint as a LoopedLM: ``lj.load_ouro`` when present, else a direct safetensors mapping."""
-    if hasattr(lj, "load_ouro"):
-        return lj.load_ouro(str(d))
-    import json
-    from safetensors.numpy import load_file
-    hf = json.loads((d / "config.json").read_text())
-    cfg = lj.LoopedConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_heads=hf["num_attention_heads"],
-                          n_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"], d_ff=hf["intermediate_size"],
-                          n_layers=hf["num_hidden_layers"], n_loops=hf["total_ut_steps"],
-                          max_seq_len=hf["max_position_embeddings"], norm_scheme="sandwich", step_norm=True,
-                          rope_theta=hf["rope_theta"], rms_eps=hf["rms_norm_eps"], tie_embeddings=False)
-    model = lj.LoopedLM(cfg, rngs=nnx.Rngs(0))
-    w = load_file(str(d / "model.safetensors"))
-    d_, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
-    model.embed[...] = jnp.asarray(w["model.embed_tokens.weight"])
-    model.lm_head[...] = jnp.asarray(w["lm_head.weight"].T)
-    model.core.norm.scale[...] = jnp.asarray(w["model.norm.weight"])
-    model.core.gate.w[...] = jnp.asarray(w["model.early_exit_gate.weight"][0])
-    model.core.gate.b[...] = jnp.asarray(w["model.early_exit_gate.bias"][0])
-    for i, layer in enumerate(model.core.layers):
-        p = f"model.layers.{i}."
-        layer.attn.wq[...] = jnp.asarray(w[p + "self_attn.q_proj.weight"].T.reshape(d_, n, h))
-        layer.attn.wk[...] = jnp.asarray(w[p + "self_attn.k_proj.weight"].T.reshape(d_, k, h))
-        layer.attn.wv[...] = jnp.asarray(w[p + "self_attn.v_proj.weight"].T.reshape(d_, k, h))
-        layer.attn.wo[...] = jnp.asarray(w[p + "self_attn.o_proj.weight"].T.reshape(n, h, d_))
-        layer.mlp.w_gate[...] = jnp.asarray(w[p + "mlp.gate_proj.weight"].T)
-        layer.mlp.w_up[...] = jnp.asarray(w[p + "mlp.up_proj.weight"].T)
-        layer.mlp.w_down[...] = jnp.asarray(w[p + "mlp.down_proj.weight"].T)
-        for ours, theirs in (("norm_in", "input_layernorm"), ("norm_in2", "input_layernorm_2"),
-                             ("norm_post", "post_attention_layernorm"), ("norm_post2", "post_attention_layernorm_2")):
-            getattr(layer, ours).scale[...] = jnp.asarray(w[p + theirs + ".weight"])
-    return model
+_OURO_DIR = Path(__file__).parent / "data" / "ouro"
 
 
 def test_ouro_reference_prefill_kv_and_greedy_generation():
     """compute_all reproduces the reference: prefill KV per (step, layer) slot, greedy tokens with all loops and
     with threshold 0.5, and the per-token exit steps (stored 0-based in the reference)."""
-    d = _ouro_dir()
-    ref = np.load(d / "reference.npz")
-    model = _load_ouro_tiny(d)
+    ref = np.load(_OURO_DIR / "reference.npz")
+    model = lj.load_ouro(str(_OURO_DIR))
     cache, _ = prefill(model, ref["input_ids"].astype(np.int32), capacity=16, kv_mode="compute_all")
     np.testing.assert_allclose(np.asarray(cache.core_k).transpose(0, 1, 3, 2, 4), ref["prefill_kv_keys"], atol=1e-5)
     np.testing.assert_allclose(np.asarray(cache.core_v).transpose(0, 1, 3, 2, 4), ref["prefill_kv_values"], atol=1e-5)
