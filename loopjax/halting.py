@@ -204,10 +204,13 @@ def validate_exit_rule(rule: Any, n_loops: int, has_gate: bool) -> None:
     rule.validate(n_loops)
 
 
-def validate_loop_budget(max_loops: Any, backprop_loops: Any, exit_rule: Any, return_steps: bool) -> None:
+def validate_loop_budget(n_loops: Any, max_loops: Any, backprop_loops: Any, exit_rule: Any,
+                         return_steps: bool) -> None:
     """Raise ValueError for a traced-loop-count call (``max_loops`` given) that cannot run."""
     if isinstance(max_loops, bool) or not isinstance(max_loops, int) or max_loops < 1:
         raise ValueError(f"max_loops={max_loops!r}: must be an int >= 1")
+    if isinstance(n_loops, int) and not 1 <= n_loops <= max_loops:
+        raise ValueError(f"n_loops={n_loops!r}: must be in [1, max_loops={max_loops}] (or a traced int scalar)")
     if backprop_loops is not None and (isinstance(backprop_loops, bool) or not isinstance(backprop_loops, int)
                                        or not 1 <= backprop_loops <= max_loops):
         raise ValueError(f"backprop_loops={backprop_loops!r}: must be None or an int in [1, max_loops={max_loops}]")

@@ -109,7 +109,7 @@ class LoopedLM(nnx.Module):
         """
         n_loops = self.cfg.n_loops if n_loops is None else n_loops
         if max_loops is not None:
-            halting.validate_loop_budget(max_loops, backprop_loops, exit_rule, return_steps)
+            halting.validate_loop_budget(n_loops, max_loops, backprop_loops, exit_rule, return_steps)
         elif isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
             raise ValueError(f"n_loops={n_loops!r}: must be an int >= 1")
         if exit_rule is not None or run_all_loops or max_loops is not None:

@@ -297,6 +297,10 @@ def test_call_validation_before_tracing():
         model(tokens, run_all_loops=True)
     with pytest.raises(ValueError, match="backprop_loops"):
         model(tokens, n_loops=2, max_loops=4, backprop_loops=5)
+    with pytest.raises(ValueError, match="n_loops=5"):
+        model(tokens, n_loops=5, max_loops=4)
+    with pytest.raises(ValueError, match="exit_rule"):
+        model(tokens, n_loops=2, max_loops=4, exit_rule=lj.QExit(0.5))
 
 
 # ------------------------------------------------------------------------------- adaptive execution
