@@ -329,7 +329,9 @@ def test_streaming_load_of_1_4b_shapes_stays_below_two_copies(tmp_path):
     base, peak, n_params = map(int, run.stdout.split()[-3:])
     assert n_params * 2 == sum(_data_bytes(f) for f in files)
     # the parameters themselves take `size` bytes; a second copy would push the peak past 2x
-    assert peak - base < 1.35 * size, (peak - base) / size
+    print(f"checkpoint {size / 1e9:.2f} GB, peak RSS above import {(peak - base) / 1e9:.2f} GB "
+          f"({(peak - base) / size:.2f}x), absolute peak {peak / 1e9:.2f} GB")
+    assert peak - base < 1.25 * size, (peak - base) / size
 
 
 def _data_bytes(path):

@@ -1,8 +1,9 @@
 """Streaming safetensors I/O: list a (possibly sharded) checkpoint, read one tensor at a time, write tensor by tensor.
 
-Reading goes through ``safetensors.safe_open(..., framework="numpy")`` (bfloat16 arrives as ``ml_dtypes.bfloat16``).
-Writing is done here rather than with ``safetensors.numpy.save_file``, which needs every tensor of a file in memory
-at once: the header is computed from shapes and dtypes first, then each tensor is fetched and written in turn.
+Both directions are implemented here on the (simple) format rather than through the ``safetensors`` package:
+reading uses plain file reads into owned arrays (bfloat16 as ``ml_dtypes.bfloat16``), because ``safe_open`` memory
+maps the file and the mapped pages stay resident until it is closed; writing computes the header from shapes and
+dtypes first, then fetches and writes one tensor at a time (``safetensors.numpy.save_file`` needs them all at once).
 The files follow the safetensors format (little-endian u64 header length, JSON header padded to 8 bytes, raw
 row-major data) with ``{"format": "pt"}`` metadata, as HuggingFace ``save_pretrained`` writes them.
 """
@@ -27,13 +28,24 @@ _DTYPE_NAMES = {
 }
 
 
-def _safe_open(path: str):
-    try:
-        from safetensors import safe_open
-    except ImportError as err:  # optional dependency
-        raise ImportError("reading safetensors checkpoints needs the `safetensors` package: "
-                          "pip install 'loopjax[ouro]'") from err
-    return safe_open(path, framework="numpy")
+_NUMPY_DTYPES = {name: dt for dt, name in _DTYPE_NAMES.items()}
+
+
+def read_header(path: str) -> tuple[dict[str, dict], int]:
+    """(tensor name -> {"dtype", "shape", "data_offsets"}, byte offset where the data starts) of one file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if info["dtype"] not in _NUMPY_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which loopjax cannot read")
+        begin, end = info["data_offsets"]
+        nbytes = int(np.prod(info["shape"], dtype=np.int64)) * _NUMPY_DTYPES[info["dtype"]].itemsize
+        if end - begin != nbytes:
+            raise ValueError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape {info['shape']} needs "
+                             f"{nbytes}")
+    return header, 8 + n
 
 
 def checkpoint_files(folder: str) -> list[str]:
@@ -53,21 +65,27 @@ def tensor_shapes(files: Sequence[str]) -> dict[str, tuple[tuple[int, ...], str]
     """name -> (shape, file) for every tensor, from the headers only (no tensor data is read)."""
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in files:
-        with _safe_open(path) as f:
-            for name in f.keys():
-                if name in out:
-                    raise ValueError(f"tensor {name!r} appears in both {out[name][1]} and {path}")
-                out[name] = (tuple(f.get_slice(name).get_shape()), path)
+        for name, info in read_header(path)[0].items():
+            if name in out:
+                raise ValueError(f"tensor {name!r} appears in both {out[name][1]} and {path}")
+            out[name] = (tuple(info["shape"]), path)
     return out
 
 
-def iter_tensors(files: Sequence[str], names: set[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) one tensor at a time, file by file (only ``names`` when given)."""
+def iter_tensors(files: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) one tensor at a time, file by file, in file order.
+
+    Plain reads into owned arrays rather than a memory map: mapped pages of the file would stay resident (and
+    count against the process) until the file is closed, which for a one-file checkpoint means a second copy.
+    """
     for path in files:
-        with _safe_open(path) as f:
-            for name in f.keys():
-                if names is None or name in names:
-                    yield name, f.get_tensor(name)
+        header, start = read_header(path)
+        with open(path, "rb") as f:
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                f.seek(start + info["data_offsets"][0])
+                dt = _NUMPY_DTYPES[info["dtype"]]
+                count = int(np.prod(info["shape"], dtype=np.int64))
+                yield name, np.fromfile(f, dtype=dt, count=count).reshape(info["shape"])
 
 
 TensorSpec = tuple[str, tuple[int, ...], np.dtype]
