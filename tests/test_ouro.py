@@ -6,6 +6,7 @@ arrays its published HF modeling code produced in float32; step indices there ar
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -267,9 +268,17 @@ def test_tokenizer_is_loaded_when_present(tmp_path):
     assert loaded.encode("loops think twice").ids == [1, 2, 3]
 
 
-def test_generate_script_prints_reference_tokens_and_exit_depths(ref, capsys):
-    from experiments import ouro_generate
+def _script():
+    """experiments/ouro_generate.py as a module (whether or not the repo root is on sys.path)."""
+    spec = importlib.util.spec_from_file_location("ouro_generate", os.path.join(ROOT, "experiments", "ouro_generate.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
+
+def test_generate_script_prints_reference_tokens_and_exit_depths(ref, capsys):
+    ouro_generate = _script()
     prompt = ",".join(map(str, ref["gen_prompt"]))
     res = ouro_generate.main(["--path", DATA, "--prompt-ids", prompt, "--max-new-tokens", "8",
                               "--threshold", str(float(ref["threshold"]))])
@@ -281,8 +290,7 @@ def test_generate_script_prints_reference_tokens_and_exit_depths(ref, capsys):
 
 
 def test_generate_script_byte_prompt_without_tokenizer():
-    from experiments import ouro_generate
-
+    ouro_generate = _script()
     res = ouro_generate.generate_ouro(DATA, prompt="Hi, loop!", max_new_tokens=3, stop_at_eos=False)
     assert res.prompt_ids == list(b"Hi, loop!")
     # the config's threshold 1.0: every token reads out the last loop
