@@ -270,7 +270,8 @@ def test_tokenizer_is_loaded_when_present(tmp_path):
 
 def _script():
     """experiments/ouro_generate.py as a module (whether or not the repo root is on sys.path)."""
-    spec = importlib.util.spec_from_file_location("ouro_generate", os.path.join(ROOT, "experiments", "ouro_generate.py"))
+    spec = importlib.util.spec_from_file_location("ouro_generate",
+                                                  os.path.join(ROOT, "experiments", "ouro_generate.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

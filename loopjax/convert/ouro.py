@@ -209,7 +209,7 @@ def load_ouro(path: str, *, dtype: Any = None, mesh: jax.sharding.Mesh | None = 
     """Load an HF Ouro checkpoint folder (config.json + model.safetensors or index-sharded files) as a LoopedLM.
 
     Streaming: the model is built abstractly (``nnx.eval_shape``) and filled one tensor at a time, each read
-    with ``safetensors`` (numpy), converted to loopjax's layout and dtype and put straight onto its device (or,
+    from its safetensors file into numpy (``convert.safetensors_io``), converted to loopjax's layout and dtype and put straight onto its device (or,
     with ``mesh``, its NamedSharding from the parameter's logical axes under ``rules``: a preset name of
     ``sharding.rules_for`` or a ``LogicalRules``; the default "dp" replicates). So host memory holds the loaded
     parameters plus one tensor in flight, never two copies of the model.
