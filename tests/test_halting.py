@@ -138,6 +138,25 @@ def test_mixture_logits_loss_reproduces_reference_loss():
     np.testing.assert_allclose(loss, ref["loss"], rtol=1e-6)
 
 
+def _ref_dir():
+    for d in REF_DIRS:
+        if (d / "model.safetensors").exists():
+            return d
+    pytest.skip("Ouro reference checkpoint not found")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_mixture_objective_on_imported_ouro_model_reproduces_reference_loss(chunked):
+    ref = _reference()
+    model = lj.load_ouro(str(_ref_dir()), dtype="float32")
+    tokens = jnp.asarray(ref["input_ids"])
+    out = model(tokens, return_steps=True)
+    loss = lj.halting_loss(lj.HaltingConfig(objective="mixture", chunked=chunked), gate_BST=out.gate_logits[:, :-1],
+                           labels_BS=tokens[:, 1:], step_logits_TBSV=out.step_logits[:, :, :-1],
+                           step_hidden_TBSD=out.step_hidden[:, :, :-1], head_fn=model.head)
+    np.testing.assert_allclose(loss, ref["loss"], rtol=2e-6)
+
+
 def test_log_distribution_is_finite_where_pdf_underflows():
     g = jnp.asarray([[[200.0, 200.0, 200.0, 0.0]]])
     logp = halting.exit_log_distribution(g)
