@@ -309,3 +309,116 @@ class HaltingConfig:
     def replace(self, **overrides: Any) -> HaltingConfig:
         """A copy with some fields changed (validated; unknown names raise with near matches)."""
         return replace_checked(self, **overrides)
+
+
+SCHEDULES = ("cosine", "wsd", "constant")
+ON_NONFINITE = ("error", "skip")
+GATED_OBJECTIVES = ("ouro", "pondernet", "act", "ouro_gate", "mixture")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, logging and checkpoint cadence of a training run.
+
+    Fields:
+      steps: optimizer updates. batch_size: global rows per update (split over processes and the mesh's batch
+        axes). seq_len: tokens per row.
+      learning_rate: peak LR. schedule: "cosine" (linear warmup, cosine decay to min_lr_ratio·peak at ``steps``),
+        "wsd" (warmup, stable, then linear decay to min_lr_ratio·peak over the last decay_fraction of steps),
+        "constant" (warmup, then flat). warmup_steps: linear ramp from 0.
+      b1, b2, eps, weight_decay: AdamW (decoupled decay, applied to matrices only, not norms / gate bias).
+      grad_clip: global-norm clipping threshold (0 = off). grad_accum: micro-batches per update (batch_size must
+        divide); micro-batch gradients are weighted by their token counts, so the update equals the full batch's.
+      z_loss: weight of mean(logsumexp(final logits)²) (0 = off). seed: model init and loop-count sampling.
+      objective: a ``HaltingConfig`` (objective, β, random loop counts, ...); "final" is plain CE of the last loop.
+      mesh: the device mesh and sharding preset.
+      log_every, eval_every, eval_batches: metrics cadence; evaluation every eval_every updates over eval_batches
+        batches (0 = never). log_loop_losses: at log steps, also measure the CE after every loop.
+      ckpt_every: save every N updates (0 = only at the end / on preemption). keep_checkpoints: keep the last K.
+        keep_best: also keep the best checkpoint by best_metric (an eval metric name), best_mode "min" or "max".
+      async_checkpointing: write checkpoints in a background thread.
+      on_nonfinite: "error" stops the run naming the first step with a non-finite loss or gradient (that update
+        and every later one are not applied, and nothing is checkpointed after it); "skip" drops such updates
+        and counts them.
+      peak_flops: per-device peak FLOP/s for MFU (None = a table of known accelerators; MFU omitted if unknown).
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 128
+    learning_rate: float = 3e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    z_loss: float = 0.0
+    seed: int = 0
+    objective: HaltingConfig = dataclasses.field(default_factory=lambda: HaltingConfig(objective="final"))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    log_every: int = 10
+    log_loop_losses: bool = True
+    eval_every: int = 0
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    keep_checkpoints: int = 3
+    keep_best: bool = False
+    best_metric: str = "eval/loss"
+    best_mode: str = "min"
+    async_checkpointing: bool = True
+    on_nonfinite: str = "error"
+    peak_flops: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("steps", self.steps, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seq_len", self.seq_len, 1)
+        _check_float("learning_rate", self.learning_rate, 0.0, lo_open=False)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_int("warmup_steps", self.warmup_steps, 0, self.steps)
+        _check_float("decay_fraction", self.decay_fraction, 0.0, 1.0)
+        _check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, lo_open=False)
+        _check_float("b1", self.b1, 0.0, 1.0, lo_open=False)
+        _check_float("b2", self.b2, 0.0, 1.0, lo_open=False)
+        if self.b1 >= 1.0 or self.b2 >= 1.0:
+            _fail("b1" if self.b1 >= 1.0 else "b2", self.b1 if self.b1 >= 1.0 else self.b2, "a float in [0, 1)")
+        _check_float("eps", self.eps, 0.0)
+        _check_float("weight_decay", self.weight_decay, 0.0, lo_open=False)
+        _check_float("grad_clip", self.grad_clip, 0.0, lo_open=False)
+        _check_int("grad_accum", self.grad_accum, 1)
+        if self.batch_size % self.grad_accum:
+            _fail("grad_accum", self.grad_accum, f"a divisor of batch_size={self.batch_size}")
+        _check_float("z_loss", self.z_loss, 0.0, lo_open=False)
+        _check_int("seed", self.seed, 0)
+        if not isinstance(self.objective, HaltingConfig):
+            _fail("objective", self.objective, "a HaltingConfig")
+        if self.objective.random_loops and self.objective.objective != "final":
+            _fail("objective", self.objective, "objective='final' when random_loops=True (a traced loop count gives "
+                  "no per-step outputs to weight)")
+        if not isinstance(self.mesh, MeshConfig):
+            _fail("mesh", self.mesh, "a MeshConfig")
+        _check_int("log_every", self.log_every, 1)
+        _check_int("eval_every", self.eval_every, 0)
+        _check_int("eval_batches", self.eval_batches, 1)
+        _check_int("ckpt_every", self.ckpt_every, 0)
+        _check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        for name in ("log_loop_losses", "keep_best", "async_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "a bool")
+        if self.keep_best and self.eval_every == 0:
+            _fail("keep_best", True, "False when eval_every=0 (the best checkpoint is chosen by an eval metric)")
+        if not isinstance(self.best_metric, str) or not self.best_metric:
+            _fail("best_metric", self.best_metric, "a metric name such as 'eval/loss'")
+        _check_choice("best_mode", self.best_mode, ("min", "max"))
+        _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        if self.peak_flops is not None:
+            _check_float("peak_flops", self.peak_flops, 0.0)
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        """A copy with some fields changed (validated; unknown names raise with near matches)."""
+        return replace_checked(self, **overrides)

@@ -1,0 +1,11 @@
+"""Training: train state, optimizer, jitted train / eval steps, the ``Trainer`` loop, metric output."""
+
+from loopjax.train.metrics import MetricWriter, device_peak_flops
+from loopjax.train.optim import make_optimizer, make_schedule
+from loopjax.train.state import TrainState, abstract_target, model_graphdef, state_builder
+from loopjax.train.step import loop_losses, make_eval_step, make_train_step, objective_loss
+from loopjax.train.trainer import FitResult, NonFiniteError, Trainer
+
+__all__ = ["FitResult", "MetricWriter", "NonFiniteError", "TrainState", "Trainer", "abstract_target",
+           "device_peak_flops", "loop_losses", "make_eval_step", "make_optimizer", "make_schedule",
+           "make_train_step", "model_graphdef", "objective_loss", "state_builder"]

@@ -1,0 +1,166 @@
+"""Pure, jittable steps: the objective on one batch, the train step (with gradient accumulation and the
+non-finite guard) and the evaluation step.
+
+Batches are dicts {"inputs": int32 [B, S], "targets": int32 [B, S], "mask": [B, S] optional (1 = counted)}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from loopjax import halting
+from loopjax.config import HaltingConfig, TrainConfig
+from loopjax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def masked_mean(x_BS: jax.Array, mask_BS: jax.Array | None) -> jax.Array:
+    if mask_BS is None:
+        return x_BS.mean()
+    m = mask_BS.astype(jnp.float32)
+    return (x_BS * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def token_weight(batch: Batch) -> jax.Array:
+    """Counted tokens of a batch (float32 scalar)."""
+    mask = batch.get("mask")
+    if mask is None:
+        return jnp.float32(batch["targets"].size)
+    return mask.astype(jnp.float32).sum()
+
+
+def _head_fn(model, tokens_BS: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    b, s = tokens_BS.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    cos, sin, mask = model.rope_and_mask(positions, None)
+    return lambda h_BSD: model.readout(h_BSD, cos, sin, mask)
+
+
+def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
+                   key: jax.Array | None) -> tuple[jax.Array, Metrics]:
+    """(total loss, metrics) of ``hcfg.objective`` (+ z-loss) on one batch; the metrics are scalars."""
+    inputs, targets, mask = batch["inputs"], batch["targets"], batch.get("mask")
+    metrics: Metrics = {}
+    if hcfg.random_loops:
+        kwargs = halting.loop_kwargs(hcfg, key)
+        out = model(inputs, **kwargs)
+        metrics["n_loops"] = kwargs["n_loops"].astype(jnp.float32)
+    else:
+        out = model(inputs, return_steps=hcfg.objective != "final")
+    ce_final = masked_mean(halting.cross_entropy(out.logits, targets), mask)
+    if hcfg.objective == "final":
+        loss = ce_final
+    else:
+        loss = halting.halting_loss(hcfg, gate_BST=out.gate_logits, labels_BS=targets, mask_BS=mask,
+                                    step_logits_TBSV=out.step_logits, step_hidden_TBSD=out.step_hidden,
+                                    head_fn=_head_fn(model, inputs), gate_fn=model.core.gate)
+    total = loss
+    if z_loss > 0:
+        z = masked_mean(jnp.square(jax.nn.logsumexp(out.logits, axis=-1)), mask)
+        total = total + z_loss * z
+        metrics["z_loss"] = z
+    metrics.update(loss=loss, ce_final=ce_final)
+    if out.exit_pdf is not None:
+        pdf = out.exit_pdf
+        entropy = -jnp.sum(pdf * jnp.log(jnp.maximum(pdf, 1e-30)), axis=-1)
+        depth = jnp.sum(pdf * jnp.arange(1, pdf.shape[-1] + 1, dtype=pdf.dtype), axis=-1)
+        metrics.update(exit_entropy=masked_mean(entropy, mask), exit_depth=masked_mean(depth, mask))
+    return total, metrics
+
+
+def loop_losses(model, batch: Batch, n_loops: int | None = None) -> jax.Array:
+    """Masked-mean CE after every loop, float32 [T], from step states one [B, S, V] block at a time."""
+    out = model(batch["inputs"], n_loops=n_loops, return_steps=True)
+    ce_TBS = halting.chunked_step_cross_entropy(out.step_hidden, _head_fn(model, batch["inputs"]), batch["targets"])
+    return jax.vmap(lambda ce: masked_mean(ce, batch.get("mask")))(ce_TBS)
+
+
+def _micro_batches(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...]; micro-batch a takes rows a, a + n, ... so each device's rows split evenly."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tcfg: TrainConfig, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The pure ``train_step(state, batch) -> (state, metrics)`` (jit it with the state donated).
+
+    The gradient of a step is the token-weighted mean of its ``grad_accum`` micro-batch gradients (equal to the
+    full-batch gradient for the token-mean objectives). A non-finite loss or gradient norm leaves params and
+    optimizer state unchanged and is counted; with ``on_nonfinite="error"`` every later update is dropped too.
+    """
+    hcfg, n_micro = tcfg.objective, tcfg.grad_accum
+
+    def loss_fn(params, batch, key):
+        total, metrics = objective_loss(nnx.merge(graphdef, params), batch, hcfg, tcfg.z_loss, key)
+        return total, metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grads_and_metrics(params, batch, key):
+        if n_micro == 1:
+            (total, metrics), grads = grad_fn(params, batch, key)
+            return grads, dict(metrics, total_loss=total)
+
+        def body(acc, mb):
+            (total, metrics), grads = grad_fn(params, mb, key)
+            w = token_weight(mb)
+            metrics = dict(metrics, total_loss=total)
+            return jax.tree.map(lambda a, x: a + w * x, acc, (grads, metrics)), w
+
+        micro = _micro_batches(batch, n_micro)
+        names = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), key)[0][1])
+        zeros = (jax.tree.map(jnp.zeros_like, params),
+                 {k: jnp.zeros((), jnp.float32) for k in [*names, "total_loss"]})
+        (grads, metrics), weights = jax.lax.scan(body, zeros, micro)
+        denom = jnp.maximum(weights.sum(), 1.0)
+        return jax.tree.map(lambda x: x / denom, (grads, metrics))
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        key = jax.random.fold_in(jax.random.PRNGKey(tcfg.seed), state.step)
+        grads, metrics = grads_and_metrics(state.params, batch, key)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        apply = finite if tcfg.on_nonfinite == "skip" else finite & (state.first_nonfinite < 0)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+        first = jnp.where(~finite & (state.first_nonfinite < 0), state.step, state.first_nonfinite)
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state),
+                               nonfinite=state.nonfinite + (~finite).astype(jnp.int32), first_nonfinite=first)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=jnp.asarray(schedule(state.step), jnp.float32),
+                       finite=finite.astype(jnp.float32), tokens=token_weight(batch))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, tcfg: TrainConfig, n_loops: int,
+                   with_loops: bool) -> Callable[[nnx.State, Batch], Metrics]:
+    """``eval_step(params, batch) -> metrics``: objective loss, final CE, token accuracy, exact match (rows
+    whose every counted target is the argmax), per-loop CE when ``with_loops``, and the token weight."""
+    hcfg = tcfg.objective.replace(random_loops=False)
+
+    def eval_step(params: nnx.State, batch: Batch) -> Metrics:
+        model = nnx.merge(graphdef, params)
+        _, metrics = objective_loss(model, batch, hcfg, 0.0, None)
+        logits = model(batch["inputs"]).logits
+        mask = batch.get("mask")
+        right = jnp.argmax(logits, -1) == batch["targets"]
+        metrics["accuracy"] = masked_mean(right.astype(jnp.float32), mask)
+        counted = jnp.ones_like(right) if mask is None else mask > 0
+        metrics["exact_match"] = jnp.mean(jnp.all(right | ~counted, axis=-1).astype(jnp.float32))
+        if with_loops:
+            for t, ce in enumerate(loop_losses(model, batch, n_loops)):
+                metrics[f"ce_loop{t + 1}"] = ce
+        metrics["tokens"] = token_weight(batch)
+        return metrics
+
+    return eval_step
