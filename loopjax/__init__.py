@@ -11,6 +11,8 @@ from loopjax.model import LoopedLM, LoopedOutput, count_params
 from loopjax.config import MeshConfig
 from loopjax.sharding import make_mesh
 from loopjax import data  # cheap: grain is imported only when a pipeline is built
+# last, so that `lj.generate` is the function; import submodules with `from loopjax.generate.x import y`
+from loopjax.generate import GenerateOutput, KVCache, Sampling, TextGeneration, generate, generate_text
 from loopjax.convert import load_ouro, save_ouro
 
 __version__ = "0.1.0"
@@ -21,6 +23,7 @@ __all__ = [
     "HaltingConfig", "FixedExit", "QExit", "ACTExit", "ConvergenceExit", "act_loss", "chunked_step_cross_entropy",
     "exit_cdf", "final_step_loss", "halting_loss", "mixture_logits", "mixture_logits_loss", "ouro_expected_loss",
     "ouro_gate_loss", "pondernet_loss", "sample_loop_count", "step_cross_entropy", "ouro_2_6b", "tiny", "train_flops",
+    "GenerateOutput", "KVCache", "Sampling", "TextGeneration", "generate", "generate_text",
     "load_ouro", "save_ouro",
     "MeshConfig", "make_mesh",
 ]
