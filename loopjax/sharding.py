@@ -105,9 +105,9 @@ def _path_str(path) -> str:
 
 def _sharding_for(path, leaf, mesh: Mesh, rules: LogicalRules) -> NamedSharding:
     axes = leaf.get_metadata().get("logical_axes") if isinstance(leaf, nnx.Variable) else None
-    shape = tuple(np.shape(leaf)) if not isinstance(leaf, nnx.Variable) else tuple(leaf.shape)
     if axes is None:
         return NamedSharding(mesh, PartitionSpec())
+    shape = tuple(leaf.shape)
     where = _path_str(path)
     if len(axes) != len(shape):
         raise ValueError(f"{where}: logical_axes={axes} names {len(axes)} dimensions but the array has shape {shape}")

@@ -15,7 +15,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import loopjax as lj
 from loopjax.config import MeshConfig
 from loopjax.sharding import _slice_grid  # noqa: F401  (the multi-slice layout, tested with fake devices)
-from loopjax.sharding import (LogicalRules, batch_sharding, create_sharded, logical_to_spec, make_mesh,
+from loopjax.sharding import (LogicalRules, abstract_sharded, batch_sharding, create_sharded, init_distributed, logical_to_spec, make_mesh,
                               param_shardings, process_batch_rows, rules_for, shard_batch, use_rules,
                               with_logical_constraint)
 
@@ -236,3 +236,23 @@ def test_batch_sharding_and_process_rows():
     arr = shard_batch(local, mesh, rules)
     assert arr.shape == (8, 4) and len({str(s.index) for s in arr.addressable_shards}) == 4
     np.testing.assert_array_equal(np.asarray(arr), local)
+
+
+def test_abstract_sharded_gives_restore_targets_with_rule_shardings():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4, rules="fsdp"))
+    graphdef, target, shardings = abstract_sharded(build_model(), mesh, rules_for("fsdp"))
+    for (path, v), s in zip(leaves_with_paths(target), jax.tree.leaves(shardings), strict=True):
+        assert isinstance(v.get_value(), jax.ShapeDtypeStruct) and v.get_value().sharding == s, path_key(path)
+    assert target["embed"].get_value().sharding.spec == P(None, "fsdp")
+    assert target["embed"].get_value().shape == (CFG.vocab_size, CFG.d_model)
+
+
+def test_init_distributed_single_process_is_a_noop_and_bad_env_raises(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert init_distributed() is False and not jax.distributed.is_initialized()
+    assert init_distributed(num_processes=1) is False
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(ValueError, match="needs num_processes and process_id"):
+        init_distributed()
+    assert not jax.distributed.is_initialized()
