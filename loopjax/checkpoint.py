@@ -29,6 +29,10 @@ class UnreadableCheckpointError(RuntimeError):
     """A checkpoint exists but none could be restored."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the restore target (written for another model / optimizer config)."""
+
+
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     if x.dtype == jnp.bool_:
@@ -116,14 +120,17 @@ class Checkpointer:
 
     def _make_manager(self) -> ocp.CheckpointManager:
         policy: Any = ocm.LatestN(n=self.max_to_keep)
+        best_fn = None
         if self.best_metric is not None:
             sign, metric = (1.0 if self.best_mode == "max" else -1.0), self.best_metric
+            best_fn = lambda m: float(m[metric])  # noqa: E731  (also makes orbax write the metrics to disk)
             best = ocm.BestN(get_metric_fn=lambda m: sign * float(m[metric]), n=1,
                              keep_checkpoints_without_metrics=False)
             policy = ocm.AnyPreservationPolicy([policy, best])
         options = ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=self.async_save,
-                                               preservation_policy=policy)
+                                               preservation_policy=policy, best_fn=best_fn,
+                                               best_mode=self.best_mode)
         import grain
 
         handlers = dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
@@ -181,10 +188,10 @@ class Checkpointer:
         for path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
             name = ".".join(_key_name(k) for k in path)
             if name not in saved_shapes:
-                raise ValueError(f"checkpoint step {step} in {self.directory} has no entry {name!r}: it was "
+                raise CheckpointMismatchError(f"checkpoint step {step} in {self.directory} has no entry {name!r}: it was "
                                  "written for a different model / optimizer config")
             if saved_shapes[name] != tuple(want.shape):
-                raise ValueError(f"checkpoint step {step} in {self.directory}: {name!r} has shape "
+                raise CheckpointMismatchError(f"checkpoint step {step} in {self.directory}: {name!r} has shape "
                                  f"{saved_shapes[name]}, the current config gives {tuple(want.shape)}")
 
     def restore_step(self, step: int, target: Any, *, data_iter: Any = None) -> Any:
@@ -218,7 +225,7 @@ class Checkpointer:
         for s in steps:
             try:
                 self._check_shapes(s, target)
-            except ValueError:
+            except CheckpointMismatchError:
                 raise
             except Exception as err:  # unreadable metadata: a damaged checkpoint
                 self._set_aside(s, err)

@@ -125,7 +125,7 @@ def make_train_step(graphdef: nnx.GraphDef, tcfg: TrainConfig, tx: optax.Gradien
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(jax.random.PRNGKey(tcfg.seed), state.step)
         grads, metrics = grads_and_metrics(state.params, batch, key)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
