@@ -267,6 +267,7 @@ def test_chunked_objectives_equal_materialised_values_and_grads(objective):
         assert float(jnp.abs(g0[2]).max()) > 1e-4  # the gates learn
 
 
+@pytest.mark.slow
 def test_gate_training_objective_updates_only_the_gate():
     model = _model(n_layers=1)
     tokens = _tokens()
@@ -283,7 +284,7 @@ def test_gate_training_objective_updates_only_the_gate():
     gate_keys = [k for k, _ in grads if "gate" in k and "core" in k and k[-1] in ("w", "b")]
     assert len(gate_keys) == 2
     for key, g in grads:
-        norm = float(jnp.abs(g[...]).max())
+        norm = float(np.abs(np.asarray(g[...])).max())
         assert (norm > 0) if key in gate_keys else (norm == 0), key
 
 
@@ -487,7 +488,7 @@ def test_run_all_loops_is_differentiable():
 
     grads = jax.tree.leaves(jax.jit(jax.grad(loss))(state))
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
-    assert max(float(jnp.abs(g).max()) for g in grads) > 0
+    assert max(float(np.abs(np.asarray(g)).max()) for g in grads) > 0
 
 
 # ------------------------------------------------------------------------------- random loop counts
@@ -508,6 +509,7 @@ def test_traced_loop_count_compiles_once_and_equals_fixed_calls():
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_truncated_backprop_gradients_of_early_loops_are_zero():
     model = _model(tie_embeddings=False, n_layers=1)  # the embedding enters only through h_0
     tokens = _tokens()
