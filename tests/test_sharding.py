@@ -65,6 +65,7 @@ def reference(tokens):
     return jax.device_get(state), float(loss), jax.device_get(grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)])
 def test_one_step_loss_and_grads_match_single_device(shape, tokens, reference):
     host, ref_loss, ref_grads = reference
