@@ -11,6 +11,8 @@ from loopjax.model import LoopedLM, LoopedOutput, count_params
 from loopjax.config import MeshConfig
 from loopjax.sharding import make_mesh
 from loopjax import data  # cheap: grain is imported only when a pipeline is built
+from loopjax.config import TrainConfig
+from loopjax import train  # lj.train.Trainer
 # last, so that `lj.generate` is the function; import submodules with `from loopjax.generate.x import y`
 from loopjax.generate import GenerateOutput, KVCache, Sampling, TextGeneration, generate, generate_text
 from loopjax.convert import load_ouro, save_ouro
@@ -26,4 +28,5 @@ __all__ = [
     "GenerateOutput", "KVCache", "Sampling", "TextGeneration", "generate", "generate_text",
     "load_ouro", "save_ouro",
     "MeshConfig", "make_mesh",
+    "TrainConfig", "train",
 ]
