@@ -23,6 +23,7 @@ def _norm(x: jax.Array) -> jax.Array:
     return jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
 
 
+@jax.jit
 def token_mean(x_XBS: jax.Array, mask_BS: jax.Array | None = None) -> jax.Array:
     """Mean over the trailing [B, S] axes, weighted by ``mask_BS`` when given: [...]."""
     x = x_XBS.astype(jnp.float32)
@@ -34,6 +35,7 @@ def token_mean(x_XBS: jax.Array, mask_BS: jax.Array | None = None) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------- convergence
 
+@jax.jit
 def step_change(x_TXD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Change between consecutive loops: absolute ‖x_t − x_{t−1}‖ and relative ‖x_t − x_{t−1}‖ / ‖x_t‖, each
     [T−1, ...] for t = 2..T (any middle axes, e.g. [T, k, B, S, D] -> [T−1, k, B, S])."""
@@ -41,6 +43,7 @@ def step_change(x_TXD: jax.Array) -> tuple[jax.Array, jax.Array]:
     return delta, delta / jnp.maximum(_norm(x_TXD[1:]), _TINY)
 
 
+@jax.jit
 def layer_convergence(traj: Trajectory, mask_BS: jax.Array | None = None) -> dict[str, jax.Array]:
     """Per-layer convergence ‖h_{t,l} − h_{t−1,l}‖ / ‖h_{t,l}‖ over loops t = 2..T.
 
@@ -50,6 +53,7 @@ def layer_convergence(traj: Trajectory, mask_BS: jax.Array | None = None) -> dic
     return {"per_token": rel, "mean": token_mean(rel, mask_BS), "abs_mean": token_mean(delta, mask_BS)}
 
 
+@jax.jit
 def convergence_rate(change_TX: jax.Array) -> jax.Array:
     """Geometric-mean ratio of successive changes, (c_T / c_1)^(1/(T−1)) along axis 0: [...]. For a map
     contracting at rate ρ near its fixed point this tends to ρ."""
@@ -57,6 +61,7 @@ def convergence_rate(change_TX: jax.Array) -> jax.Array:
     return jnp.exp((jnp.log(c[-1]) - jnp.log(c[0])) / (c.shape[0] - 1))
 
 
+@functools.partial(jax.jit, static_argnames="loop")
 def fixed_point_distances(traj: Trajectory, mask_BS: jax.Array | None = None, loop: int = -1) -> jax.Array:
     """[k, k] token-mean of ‖h_{t,l} − h_{t,m}‖ / sqrt(‖h_{t,l}‖·‖h_{t,m}‖) at loop ``loop`` (default the last):
     how far apart the (approximate) fixed points of different layers are; 0 on the diagonal."""
@@ -67,6 +72,7 @@ def fixed_point_distances(traj: Trajectory, mask_BS: jax.Array | None = None, lo
     return token_mean(dist / scale, mask_BS)
 
 
+@jax.jit
 def cyclic_score(traj: Trajectory, mask_BS: jax.Array | None = None) -> jax.Array:
     """[T−1] how exactly loop t revisits loop t−1's sequence of k layer points: spread / (spread + gap), where
     gap = mean_l ‖h_{t,l} − h_{t−1,l}‖ and spread = mean_{l≠m} ‖h_{t,l} − h_{t,m}‖ (token means). 1 means the
@@ -90,6 +96,7 @@ def _xlogy_ratio(p: jax.Array, q: jax.Array) -> jax.Array:
     return jnp.where(p > 0, p * jnp.log2(safe / jnp.where(p > 0, q, 1.0)), 0.0)
 
 
+@jax.jit
 def js_divergence(p_XS: jax.Array, q_XS: jax.Array) -> jax.Array:
     """Jensen–Shannon divergence in bits over the last axis, in [0, 1]: [...]; exactly 0 when p == q."""
     p, q = p_XS.astype(jnp.float32), q_XS.astype(jnp.float32)
@@ -97,11 +104,13 @@ def js_divergence(p_XS: jax.Array, q_XS: jax.Array) -> jax.Array:
     return 0.5 * (_xlogy_ratio(p, m).sum(-1) + _xlogy_ratio(q, m).sum(-1))
 
 
+@jax.jit
 def total_variation(p_XS: jax.Array, q_XS: jax.Array) -> jax.Array:
     """½ Σ |p − q| over the last axis, in [0, 1]: [...]."""
     return 0.5 * jnp.abs(p_XS.astype(jnp.float32) - q_XS.astype(jnp.float32)).sum(-1)
 
 
+@jax.jit
 def attention_change(traj: Trajectory, query_mask_BQ: jax.Array | None = None) -> dict[str, jax.Array]:
     """Attention stabilisation: per head, the divergence between loops t−1 and t of each query's distribution.
 
@@ -121,6 +130,7 @@ def attention_change(traj: Trajectory, query_mask_BQ: jax.Array | None = None) -
 
 # --------------------------------------------------------------------------------------------- logit lens
 
+@jax.jit
 def logit_lens(step_logits_TBSV: jax.Array, mask_BS: jax.Array | None = None) -> dict[str, jax.Array]:
     """Each loop's read-out against the final one: KL(p_t ‖ p_T) in nats and top-1 agreement, per token
     ([T, B, S]) and token-mean ([T])."""
