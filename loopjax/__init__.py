@@ -11,6 +11,7 @@ from loopjax.model import LoopedLM, LoopedOutput, count_params
 from loopjax.config import MeshConfig
 from loopjax.sharding import make_mesh
 from loopjax import data  # cheap: grain is imported only when a pipeline is built
+from loopjax import analysis  # cheap: matplotlib is imported only when a plot is drawn
 from loopjax.config import TrainConfig
 from loopjax import train  # lj.train.Trainer
 # last, so that `lj.generate` is the function; import submodules with `from loopjax.generate.x import y`
