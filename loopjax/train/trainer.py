@@ -89,6 +89,8 @@ class Trainer:
         if train_cfg.batch_size % (batch_shards * train_cfg.grad_accum):
             raise ValueError(f"batch_size={train_cfg.batch_size}: must be a multiple of the {batch_shards} batch "
                              f"shards of the mesh times grad_accum={train_cfg.grad_accum}")
+        if restore_step is not None and workdir is None:
+            raise ValueError(f"restore_step={restore_step}: needs a workdir holding checkpoints")
         self.workdir = None if workdir is None else os.path.abspath(os.fspath(workdir))
         self.data_iter = iter(train_data)
         self.eval_data = eval_data
