@@ -188,11 +188,11 @@ class Checkpointer:
         for path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
             name = ".".join(_key_name(k) for k in path)
             if name not in saved_shapes:
-                raise CheckpointMismatchError(f"checkpoint step {step} in {self.directory} has no entry {name!r}: it was "
-                                 "written for a different model / optimizer config")
+                raise CheckpointMismatchError(f"checkpoint step {step} in {self.directory} has no entry {name!r}: "
+                                              "it was written for a different model / optimizer config")
             if saved_shapes[name] != tuple(want.shape):
                 raise CheckpointMismatchError(f"checkpoint step {step} in {self.directory}: {name!r} has shape "
-                                 f"{saved_shapes[name]}, the current config gives {tuple(want.shape)}")
+                                              f"{saved_shapes[name]}, the current config gives {tuple(want.shape)}")
 
     def restore_step(self, step: int, target: Any, *, data_iter: Any = None) -> Any:
         """Restore ``step`` into ``target`` (``jax.ShapeDtypeStruct`` leaves with shardings: any mesh).

@@ -46,7 +46,8 @@ def _load(path):
 def _assert_bitwise_equal(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        assert a[k].dtype == b[k].dtype and np.array_equal(np.atleast_1d(a[k]).view(np.uint8), np.atleast_1d(b[k]).view(np.uint8)), k
+        bits_a, bits_b = (np.atleast_1d(x[k]).view(np.uint8) for x in (a, b))
+        assert a[k].dtype == b[k].dtype and np.array_equal(bits_a, bits_b), k
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ Batches are dicts {"inputs": int32 [B, S], "targets": int32 [B, S], "mask": [B, 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import jax
 import numpy as np
@@ -251,7 +251,8 @@ class Trainer:
                     logged = {f"train/{k}": v for k, v in _mean_metrics(pending).items()}
                     logged["train/nonfinite_steps"] = float(self.state.nonfinite)
                     if loop_ce is not None:
-                        logged.update({f"train/ce_loop{t + 1}": float(v) for t, v in enumerate(jax.device_get(loop_ce))})
+                        ce_T = jax.device_get(loop_ce)
+                        logged.update({f"train/ce_loop{t + 1}": float(v) for t, v in enumerate(ce_T)})
                     b, s = batch["inputs"].shape
                     n_loops = logged.get("train/n_loops", float(self.model_cfg.n_loops))
                     logged.update(self._perf(steps_since, time.perf_counter() - t_last, b * s, s, n_loops))
