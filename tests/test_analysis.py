@@ -129,6 +129,27 @@ def test_affine_cycle_converges_at_known_rate_with_distinct_fixed_points():
     np.testing.assert_allclose(an.cyclic_score(_trajectory(traj.layer_TkBSD[:, :1])), 0.0)
 
 
+def test_model_with_affine_loop_map_contracts_at_known_rate():
+    """Zeroed attention and MLP outputs make each layer the identity, so with concat injection the loop map is
+    F(h) = h·A_h + e·A_e; with A_h = r·Q (Q orthogonal) every token's change shrinks by exactly r per loop and the
+    Jacobian's spectral norm is r."""
+    r, d = 0.7, 16
+    model = _model(d_model=d, n_heads=2, n_kv_heads=1, d_ff=32, n_layers=1, input_injection="concat",
+                   exit_gate=False)
+    for layer in model.core.layers:
+        layer.attn.wo[...] = jnp.zeros_like(layer.attn.wo[...])
+        layer.mlp.w_down[...] = jnp.zeros_like(layer.mlp.w_down[...])
+    adapter = np.array(model.core.adapter[...])
+    adapter[:d] = r * _orthogonal(np.random.default_rng(2), d)
+    model.core.adapter[...] = jnp.asarray(adapter)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (1, 5)), jnp.int32)
+    traj = an.record(model, tokens, n_loops=8, attention=False, logits=False)
+    delta, _ = an.step_change(traj.layer_TkBSD)  # [T-1, k, B, S]
+    np.testing.assert_allclose(delta[1:] / delta[:-1], r, rtol=1e-3)
+    sigma, _ = an.loop_contraction(model, tokens, traj.state_TBSD[-1:], key=jax.random.key(1), iters=20)
+    np.testing.assert_allclose(sigma, [r], rtol=1e-5)
+
+
 def test_power_iteration_on_affine_map_finds_known_spectral_norm():
     d, rng = 12, np.random.default_rng(1)
     u, v = _orthogonal(rng, d), _orthogonal(rng, d)
