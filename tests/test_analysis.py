@@ -166,6 +166,7 @@ def test_power_iteration_on_affine_map_finds_known_spectral_norm():
     assert change < 1e-5
 
 
+@pytest.mark.slow  # jacfwd of the real loop map: the heaviest compile in this file
 def test_loop_contraction_matches_exact_jacobian_svd(looped):
     model, tokens, traj, _ = looped
     tokens, states = tokens[:1], traj.state_TBSD[:2, :1]  # rows are independent: the first row's trajectory

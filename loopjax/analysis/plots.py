@@ -76,7 +76,9 @@ def pca_2d(points_PD) -> np.ndarray:
 def plot_trajectory_pca(layer_TkBSD, path, *, batch: int = 0, position: int = -1,
                         title: str | None = None) -> Path:
     """One token's path through the k layer points of every loop, projected by PCA: the cyclic picture."""
-    h = np.asarray(layer_TkBSD, np.float64)[:, :, batch, position]  # [T, k, D]
+    h_all = np.asarray(layer_TkBSD, np.float64)
+    position = range(h_all.shape[3])[position]
+    h = h_all[:, :, batch, position]  # [T, k, D]
     n_t, k, d = h.shape
     xy = pca_2d(h.reshape(n_t * k, d)).reshape(n_t, k, 2)
     fig = _figure(5, 4.5)
@@ -102,6 +104,7 @@ def plot_exit_depth_text(pieces: Sequence[str], exit_steps, path, *, n_loops: in
     if len(pieces) != len(steps):
         raise ValueError(f"len(pieces)={len(pieces)}: must equal len(exit_steps)={len(steps)}")
     n_loops = int(steps.max()) if n_loops is None else n_loops
+    per_line = max(1, min(per_line, len(pieces)))
     cmap = colormaps["viridis"]
     n_lines = max(1, -(-len(pieces) // per_line))
     fig = _figure(0.8 * per_line, 0.5 * n_lines + 0.9)
