@@ -71,8 +71,8 @@ class _IteratorState:
     def set_state(self, state: bytes) -> None:
         self.state = state
 
-    def start_prefetch(self) -> None:  # called by grain's handler after set_state
-        pass
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after set_state; a captured state has nothing to prefetch."""
 
 
 def _encode_iter_state(it: Any) -> bytes:

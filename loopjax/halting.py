@@ -147,7 +147,7 @@ class QExit:
         _check_prob("QExit", "q", self.q, lo_closed=True, hi_closed=True)
 
     def validate(self, n_loops: int) -> None:
-        pass
+        """Valid for any loop count."""
 
     def fires(self, t, n_loops, gate_XT, h_prev_XD, h_new_XD) -> jax.Array:
         # gate entries after t do not change cdf[..t] (a prefix sum), so a partly filled buffer is enough
@@ -165,7 +165,7 @@ class ACTExit:
         _check_prob("ACTExit", "eps", self.eps, lo_closed=False, hi_closed=False)
 
     def validate(self, n_loops: int) -> None:
-        pass
+        """Valid for any loop count."""
 
     def fires(self, t, n_loops, gate_XT, h_prev_XD, h_new_XD) -> jax.Array:
         lam = jax.nn.sigmoid(gate_XT.astype(jnp.float32))
@@ -185,7 +185,7 @@ class ConvergenceExit:
             raise ValueError(f"ConvergenceExit.eps={self.eps!r}: must be a float > 0")
 
     def validate(self, n_loops: int) -> None:
-        pass
+        """Valid for any loop count."""
 
     def fires(self, t, n_loops, gate_XT, h_prev_XD, h_new_XD) -> jax.Array:
         new = h_new_XD.astype(jnp.float32)
