@@ -24,7 +24,7 @@ def _reference():
     for d in REF_DIRS:
         if (d / "reference.npz").exists():
             return dict(np.load(d / "reference.npz"))
-    pytest.skip("reference.npz not found in tests/data/ouro or ../shared/ouro-reference")
+    raise FileNotFoundError(f"reference.npz not found in {[str(d) for d in REF_DIRS]}")
 
 
 def _model(**kw):
@@ -64,7 +64,7 @@ class ScheduleExit:
     needs_gate = False
 
     def validate(self, n_loops):
-        pass
+        """Any loop count is valid for a fixed schedule."""
 
     def fires(self, t, n_loops, gate_XT, h_prev_XD, h_new_XD):
         return t + 1 >= jnp.asarray(self.steps, jnp.int32)
@@ -142,7 +142,7 @@ def _ref_dir():
     for d in REF_DIRS:
         if (d / "model.safetensors").exists():
             return d
-    pytest.skip("Ouro reference checkpoint not found")
+    raise FileNotFoundError(f"Ouro reference model.safetensors not found in {[str(d) for d in REF_DIRS]}")
 
 
 @pytest.mark.parametrize("chunked", [False, True])
