@@ -2,7 +2,9 @@
 
     loopjax train CONFIG [--workdir DIR] [--set key=value ...]
     loopjax eval CONFIG --workdir DIR [--step N] [--batches N] [--set key=value ...]
-    loopjax generate CONFIG --workdir DIR --prompt TEXT [--max-new-tokens N] [--step N] [--set ...]
+    loopjax generate (--checkpoint DIR | --ouro DIR | CONFIG --workdir DIR) --prompt TEXT [--max-new-tokens N]
+        [--exit-rule q=0.5|fixed=3|act=0.01|conv=0.01|none] [--kv-mode per_step|last_step|compute_all]
+        [--show-depth] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--step N] [--set ...]
     loopjax convert import HF_DIR CONFIG --workdir DIR [--set ...]     (an Ouro HF checkpoint -> step 0)
     loopjax convert export CONFIG --workdir DIR --out HF_DIR [--step N] [--source HF_DIR] [--set ...]
 
@@ -10,6 +12,13 @@ CONFIG is a Python file defining ``get_config() -> Experiment``, a name under ``
 (``tiny_text``), or a module path. ``--set`` overrides any field by its dotted path (see
 ``loopjax.train.experiment``). A SIGTERM / SIGINT during ``train`` saves a checkpoint and exits with 128 + the
 signal number; rerunning the same command resumes.
+
+``generate`` takes its model from a training run directory (``--checkpoint DIR``: the experiment is rebuilt from
+the ``DIR/checkpoints/config.json`` every run writes, so no CONFIG is needed), from an HF Ouro folder
+(``--ouro DIR``), or, as before (kept for backwards compatibility), from ``CONFIG --workdir DIR``. Text goes
+through ``tokenizer.json`` in that folder when there is one (the ``tokenizers`` package), else UTF-8 bytes.
+``--show-depth`` prints every new token as ``piece[exit step]`` (coloured by exit step on a terminal) and a
+JSON summary (mean exit step, loop iterations) on stderr.
 """
 
 from __future__ import annotations
@@ -36,11 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     common(ev)
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
     ev.add_argument("--batches", type=int, default=None, help="eval batches (default train.eval_batches)")
-    gen = sub.add_parser("generate", help="continue a text prompt with a trained checkpoint")
-    common(gen)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--step", type=int, default=None)
+    _generate_args(sub.add_parser("generate", help="continue a text prompt (training checkpoint or Ouro folder)"))
     conv = sub.add_parser("convert", help="import / export HuggingFace Ouro checkpoints")
     csub = conv.add_subparsers(dest="direction", required=True)
     imp = csub.add_parser("import", help="HF Ouro folder -> a step-0 checkpoint in WORKDIR")
@@ -102,15 +107,155 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _checked(kind, ok, allowed: str):
+    """An argparse ``type`` that converts with ``kind`` and rejects values failing ``ok`` (argparse names the flag)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {allowed}")
+        return value
+    return parse
+
+
+def exit_rule_arg(text: str):
+    """``--exit-rule``: ``q=P`` (QExit), ``fixed=N`` (FixedExit), ``act=EPS`` (ACTExit), ``conv=EPS``
+    (ConvergenceExit) or ``none``."""
+    from loopjax import halting
+
+    if text.strip().lower() == "none":
+        return None
+    rules = {"q": (halting.QExit, float), "fixed": (halting.FixedExit, int), "act": (halting.ACTExit, float),
+             "conv": (halting.ConvergenceExit, float)}
+    name, sep, value = text.partition("=")
+    if not sep or name.strip().lower() not in rules:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be q=P, fixed=N, act=EPS, conv=EPS or none")
+    cls, kind = rules[name.strip().lower()]
+    try:
+        return cls(kind(value))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+
+def _generate_args(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument("config", nargs="?", help="config (the CONFIG --workdir DIR form)")
+    gen.add_argument("--workdir", help="training run directory (with CONFIG)")
+    gen.add_argument("--checkpoint", metavar="DIR", help="training run directory; the model config is read from "
+                     "DIR/checkpoints/config.json")
+    gen.add_argument("--ouro", metavar="DIR", help="HF Ouro folder (config.json + safetensors)")
+    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    gen.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=_checked(int, lambda v: v >= 1, "an int >= 1"), default=64)
+    gen.add_argument("--exit-rule", type=exit_rule_arg, default=None,
+                     help="q=P (Ouro threshold), fixed=N, act=EPS, conv=EPS or none (default: all loops)")
+    gen.add_argument("--kv-mode", choices=("per_step", "last_step", "compute_all"), default="per_step")
+    gen.add_argument("--show-depth", action="store_true",
+                     help="print each token with its exit step: piece[step], coloured on a terminal")
+    gen.add_argument("--temperature", type=_checked(float, lambda v: v >= 0, "a float >= 0 (0 = greedy)"),
+                     default=0.0)
+    gen.add_argument("--top-k", type=_checked(int, lambda v: v >= 1, "an int >= 1"), default=None)
+    gen.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "a float in (0, 1]"), default=None)
+    gen.add_argument("--seed", type=int, default=0)
+
+
+def _build_config(cls, value):
+    """A (nested) config dataclass from its ``to_json`` dict; JSON lists become tuples again."""
+    if dataclasses.is_dataclass(cls) and isinstance(value, dict):
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: _build_config(hints[f.name], value[f.name]) for f in dataclasses.fields(cls)
+                      if f.init and f.name in value})
+    if isinstance(value, list):
+        return tuple(_build_config(None, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _build_config(None, v) for k, v in value.items()}
+    return value
+
+
+def _generation_model(args):
+    """(model, folder searched for tokenizer.json) from --ouro, --checkpoint or CONFIG --workdir."""
+    forms = [args.ouro is not None, args.checkpoint is not None, args.config is not None or args.workdir is not None]
+    if sum(forms) != 1:
+        raise ValueError("give exactly one model source: --checkpoint DIR, --ouro DIR or CONFIG --workdir DIR")
+    if args.ouro is not None:
+        if args.set or args.step is not None:
+            raise ValueError("--set / --step apply to training checkpoints, not to --ouro")
+        from loopjax.convert import load_ouro
+
+        return load_ouro(args.ouro), args.ouro
+    if args.checkpoint is not None:
+        from loopjax.train.experiment import Experiment, apply_overrides
+
+        path = os.path.join(args.checkpoint, "checkpoints", "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no checkpoints/config.json (not a training "
+                                    "run directory?)")
+        with open(path) as f:
+            exp = apply_overrides(_build_config(Experiment, json.load(f)), args.set)
+        workdir = args.checkpoint
+    else:
+        if args.config is None or args.workdir is None:
+            raise ValueError("the CONFIG form needs both CONFIG and --workdir DIR")
+        exp, workdir = _experiment(args), args.workdir
+    trainer = _trainer(exp, workdir, restore_step=args.step)
+    if trainer.resumed_from is None:
+        raise SystemExit(f"loopjax: no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    model = trainer.model()
+    trainer.close()
+    return model, workdir
+
+
+# 256-colour terminal codes from shallow (blue) to deep (red) exits
+_DEPTH_COLOURS = (33, 37, 71, 178, 208, 196)
+
+
+def _show_piece(piece: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in piece)
+
+
+def annotate_depth(pieces: Sequence[str], exit_steps: Sequence[int], n_loops: int, colour: bool) -> str:
+    """Each token's text with its exit step: ``piece[step]``, or the piece coloured by step on a terminal."""
+    if not colour:
+        return "".join(f"{_show_piece(p)}[{e}]" for p, e in zip(pieces, exit_steps))
+
+    def paint(text, step):
+        i = round((step - 1) * (len(_DEPTH_COLOURS) - 1) / max(n_loops - 1, 1))
+        return f"\033[38;5;{_DEPTH_COLOURS[i]}m{text}\033[0m"
+
+    legend = " ".join(paint(str(t), t) for t in range(1, n_loops + 1))
+    return "".join(paint(_show_piece(p), e) for p, e in zip(pieces, exit_steps)) + f"\n(exit step: {legend})"
+
+
 def cmd_generate(args) -> int:
     try:
-        from loopjax.generate import generate_text
+        from loopjax.generate import Sampling, generate_text, load_tokenizer
     except ImportError as err:
         raise SystemExit(f"loopjax generate: loopjax.generate is not available ({err})") from None
-    trainer = _restored(_experiment(args), args)
-    out = generate_text(trainer.model(), args.prompt, max_new_tokens=args.max_new_tokens)
-    trainer.close()
-    print(out.text)
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise ValueError("--top-k / --top-p only apply when sampling: pass --temperature > 0")
+    model, folder = _generation_model(args)
+    from loopjax.halting import validate_exit_rule
+
+    try:
+        validate_exit_rule(args.exit_rule, model.cfg.n_loops, model.cfg.exit_gate)
+    except ValueError as err:
+        raise ValueError(f"--exit-rule: {err}") from None
+    tok_path = os.path.join(folder, "tokenizer.json")
+    tokenizer = load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    out = generate_text(model, args.prompt, tokenizer, args.max_new_tokens, exit_rule=args.exit_rule,
+                        kv_mode=args.kv_mode, sampling=Sampling(args.temperature, args.top_k, args.top_p),
+                        seed=args.seed)
+    if not args.show_depth:
+        print(out.text)
+        return 0
+    print(annotate_depth(out.token_texts, out.exit_steps, model.cfg.n_loops, sys.stdout.isatty()))
+    n = len(out.exit_steps)
+    print(json.dumps({"tokens": n, "mean_exit_step": round(sum(out.exit_steps) / max(n, 1), 3),
+                      "loop_iterations": out.n_iterations, "stopped": out.stopped}), file=sys.stderr)
     return 0
 
 

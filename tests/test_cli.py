@@ -1,6 +1,8 @@
 """CLI: config loading and validated overrides; train -> resume -> eval -> generate -> convert end to end."""
 
 import json
+import os
+import re
 import textwrap
 
 import pytest
@@ -101,7 +103,13 @@ def test_train_resume_eval_generate_convert_end_to_end(config_file, tmp_path, ca
 
     assert main(["generate", config_file, "--workdir", wd, "--set", "train.steps=6", "--prompt", "The",
                  "--max-new-tokens", "3"]) == 0
-    capsys.readouterr()
+    legacy = capsys.readouterr().out
+    # --checkpoint rebuilds the experiment from the run's checkpoints/config.json: same model, same text
+    assert main(["generate", "--checkpoint", wd, "--prompt", "The", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out == legacy
+    assert main(["generate", "--checkpoint", wd, "--prompt", "The", "--max-new-tokens", "3", "--show-depth",
+                 "--exit-rule", "fixed=1", "--kv-mode", "last_step"]) == 0
+    assert re.fullmatch(r"(.+\[1\]){3}", capsys.readouterr().out.rstrip("\n"), re.S)
 
     hf = str(tmp_path / "hf")
     assert main(["convert", "export", config_file, "--workdir", wd, "--set", "train.steps=6", "--out", hf]) == 0
@@ -113,3 +121,63 @@ def test_train_resume_eval_generate_convert_end_to_end(config_file, tmp_path, ca
     ev_imported = _last_json(capsys.readouterr().out)
     assert ev_imported["step"] == 0
     assert ev_imported["eval/loss"] == pytest.approx(ev["eval/loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- generate flags
+
+OURO = os.path.join(os.path.dirname(__file__), "data", "ouro")
+
+
+def _shown(piece: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in piece)
+
+
+def test_generate_ouro_show_depth_matches_lj_generate(capsys):
+    import numpy as np
+
+    import loopjax as lj
+    from loopjax.convert import load_ouro
+
+    prompt = "Loops!"
+    assert main(["generate", "--ouro", OURO, "--prompt", prompt, "--max-new-tokens", "8", "--exit-rule", "q=0.5",
+                 "--kv-mode", "per_step", "--show-depth"]) == 0
+    captured = capsys.readouterr()
+    model = load_ouro(OURO)  # no tokenizer.json there: UTF-8 bytes
+    out = lj.generate(model, np.asarray([list(prompt.encode())], np.int32), 8, exit_rule=lj.QExit(0.5),
+                      kv_mode="per_step")
+    tokens, steps = np.asarray(out.tokens[0]).tolist(), np.asarray(out.exit_steps[0]).tolist()
+    pieces = [bytes([t]).decode("utf-8", errors="replace") for t in tokens]
+    assert captured.out.rstrip("\n") == "".join(f"{_shown(p)}[{e}]" for p, e in zip(pieces, steps))
+    summary = json.loads(captured.err.strip().splitlines()[-1])
+    assert summary["tokens"] == 8 and summary["loop_iterations"] == out.total_iterations()
+    assert summary["mean_exit_step"] == pytest.approx(np.mean(steps), abs=1e-3)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--exit-rule", "q=1.5"], "argument --exit-rule: 'q=1.5': QExit.q=1.5"),
+    (["--exit-rule", "half"], "argument --exit-rule: 'half': must be q=P, fixed=N"),
+    (["--kv-mode", "per-step"], "argument --kv-mode: invalid choice"),
+    (["--top-p", "0"], "argument --top-p: '0': must be a float in"),
+    (["--temperature", "-1"], "argument --temperature: '-1': must be a float >= 0"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: '0': must be an int >= 1"),
+])
+def test_generate_bad_flag_values_name_the_flag(flags, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--ouro", OURO, "--prompt", "x", *flags])
+    assert exc.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--exit-rule", "fixed=5"], "--exit-rule: FixedExit.n=5: must be <= n_loops=4"),
+    (["--top-k", "3"], "--top-k / --top-p only apply when sampling"),
+    (["--checkpoint", OURO], "exactly one model source"),
+])
+def test_generate_bad_combinations_are_clear_errors(flags, match, capsys):
+    assert main(["generate", "--ouro", OURO, "--prompt", "x", *flags]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_generate_checkpoint_without_run_config_is_an_error(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
+    assert "no checkpoints/config.json" in capsys.readouterr().err
