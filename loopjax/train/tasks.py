@@ -25,6 +25,7 @@ from flax import nnx
 from loopjax.config import LoopedConfig, TrainConfig
 from loopjax.data.pipeline import make_pipeline
 from loopjax.data.tasks.base import Task, answer_correct
+from loopjax.train.experiment import _jsonable
 from loopjax.train.trainer import Trainer
 
 EVAL_SEED = 1_000_003  # the held-out stream; training uses train_cfg.seed
@@ -61,14 +62,6 @@ def fit_on_task(model_cfg: LoopedConfig, train_cfg: TrainConfig, task: Task, *,
                       mesh=mesh, config=config, progress=progress, tensorboard=tensorboard)
     trainer.fit()
     return trainer
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 @dataclasses.dataclass(frozen=True)
