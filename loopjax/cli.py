@@ -7,6 +7,9 @@
         [--show-depth] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--step N] [--set ...]
     loopjax convert import HF_DIR CONFIG --workdir DIR [--set ...]     (an Ouro HF checkpoint -> step 0)
     loopjax convert export CONFIG --workdir DIR --out HF_DIR [--step N] [--source HF_DIR] [--set ...]
+    loopjax analyze CHECKPOINT --task phop|addition|igsm|none --out DIR [--set task.KEY=VALUE ...] [--n-loops N]
+        [--record-loops N] [--ouro] [--step N] [--examples N] [--seq-len N] [--seed S] [--power-iters N]
+        [--q-grid 0.5,0.9] [--eps-grid 0.01,0.001]
 
 CONFIG is a Python file defining ``get_config() -> Experiment``, a name under ``experiments/configs/``
 (``tiny_text``), or a module path. ``--set`` overrides any field by its dotted path (see
@@ -46,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
     ev.add_argument("--batches", type=int, default=None, help="eval batches (default train.eval_batches)")
     _generate_args(sub.add_parser("generate", help="continue a text prompt (training checkpoint or Ouro folder)"))
+    _analyze_args(sub.add_parser("analyze", help="fixed points, attention, contraction, accuracy per FLOP -> DIR"))
     conv = sub.add_parser("convert", help="import / export HuggingFace Ouro checkpoints")
     csub = conv.add_subparsers(dest="direction", required=True)
     imp = csub.add_parser("import", help="HF Ouro folder -> a step-0 checkpoint in WORKDIR")
@@ -292,7 +296,117 @@ def cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert}
+def _analyze_args(an: argparse.ArgumentParser) -> None:
+    an.add_argument("checkpoint", metavar="CHECKPOINT",
+                    help="training run directory (checkpoints/config.json + checkpoints), or with --ouro an HF Ouro "
+                         "folder")
+    an.add_argument("--task", required=True, choices=("phop", "addition", "igsm", "none"),
+                    help="task for accuracy per FLOP (none: a fixed random token batch, no accuracy)")
+    an.add_argument("--out", required=True, help="report folder (README.md, results.json, PNG plots)")
+    an.add_argument("--set", action="append", default=[], metavar="task.KEY=VALUE",
+                    help="a task keyword (defaults: the run's own task when it trained on --task)")
+    an.add_argument("--n-loops", type=_checked(int, lambda v: v >= 1, "an int >= 1"), default=None,
+                    help="deepest exit rule of the accuracy grid (default: the model's n_loops)")
+    an.add_argument("--record-loops", type=_checked(int, lambda v: v >= 2, "an int >= 2"), default=None,
+                    help="loops recorded for the trajectory metrics (default: --n-loops)")
+    an.add_argument("--ouro", action="store_true", help="CHECKPOINT is an HF Ouro folder (loaded in float32)")
+    an.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
+    an.add_argument("--examples", type=_checked(int, lambda v: v >= 1, "an int >= 1"), default=64,
+                    help="task examples (or random rows with --task none)")
+    an.add_argument("--seq-len", type=_checked(int, lambda v: v >= 2, "an int >= 2"), default=32,
+                    help="row length of the random batch (--task none)")
+    an.add_argument("--seed", type=int, default=0, help="task example stream / random batch seed")
+    an.add_argument("--power-iters", type=_checked(int, lambda v: v >= 1, "an int >= 1"), default=50,
+                    help="power-iteration steps for the Jacobian spectral norm")
+    floats = _checked(lambda t: tuple(float(v) for v in t.split(",") if v.strip()), lambda v: all(x > 0 for x in v),
+                      "comma-separated floats > 0")
+    an.add_argument("--q-grid", type=floats, default=(0.25, 0.5, 0.75, 0.9), help="QExit thresholds (gated models)")
+    an.add_argument("--eps-grid", type=floats, default=(0.1, 0.01, 0.001), help="ConvergenceExit thresholds")
+
+
+def _analysis_task(name: str, base: dict, overrides: Sequence[str]):
+    """A ``loopjax.data`` task ``name`` from ``base`` keywords and ``task.KEY=VALUE`` overrides."""
+    import difflib
+
+    from loopjax.data import IGSM, Addition, PHop
+    from loopjax.train.experiment import parse_value
+
+    cls = {"phop": PHop, "addition": Addition, "igsm": IGSM}[name]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kwargs = dict(base)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.startswith("task.") or key == "task.":
+            raise ValueError(f"--set {item!r}: must be task.KEY=VALUE, e.g. task.seq_len=40")
+        if key[5:] not in fields:
+            near = difflib.get_close_matches(key[5:], fields, n=3, cutoff=0.5)
+            raise ValueError(f"--set {key}: {cls.__name__} has no field {key[5:]!r}; nearest: {near or fields}")
+        kwargs[key[5:]] = parse_value(text)
+    kwargs = {k: tuple(map(tuple, v)) if k == "difficulties" else tuple(v) if isinstance(v, list) else v
+              for k, v in kwargs.items()}
+    return cls(**kwargs)
+
+
+def cmd_analyze(args) -> int:
+    import shlex
+
+    import numpy as np
+
+    from loopjax.analysis.report import analyze
+
+    exp = None
+    if args.ouro:
+        if args.step is not None:
+            raise ValueError("--step applies to training checkpoints, not to --ouro")
+        from loopjax.convert import load_ouro
+
+        model = load_ouro(args.checkpoint, dtype="float32")
+    else:
+        from loopjax.train.experiment import Experiment
+
+        path = os.path.join(args.checkpoint, "checkpoints", "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{args.checkpoint}: no checkpoints/config.json (not a training run directory? "
+                                    "pass --ouro for an HF Ouro folder)")
+        with open(path) as f:
+            exp = _build_config(Experiment, json.load(f))
+        trainer = _trainer(exp, args.checkpoint, restore_step=args.step)
+        if trainer.resumed_from is None:
+            raise SystemExit(f"loopjax: no checkpoint in {os.path.join(args.checkpoint, 'checkpoints')}")
+        model = trainer.model()
+        trainer.close()
+    task = tokens = None
+    if args.task == "none":
+        if args.set:
+            raise ValueError("--set task.KEY=VALUE needs a task: pass --task phop|addition|igsm")
+        seq_len = min(args.seq_len, model.cfg.max_seq_len)
+        tokens = np.random.default_rng(args.seed).integers(0, model.cfg.vocab_size, (args.examples, seq_len))
+    else:
+        own = exp is not None and exp.data.source == args.task
+        base = {"seq_len": exp.train.seq_len, **exp.data.task} if own else {}
+        task = _analysis_task(args.task, base, args.set)
+    command = ["loopjax", "analyze", args.checkpoint, "--task", args.task, "--out", args.out]
+    command += [a for s in args.set for a in ("--set", s)] + (["--ouro"] if args.ouro else [])
+    flags = ["n_loops", "record_loops", "step", "examples", "seed", "power_iters"] + ["seq_len"] * (tokens is not None)
+    for flag in flags:  # every effective value, so the recorded command reproduces the report
+        if getattr(args, flag) is not None:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if task is not None:
+        command += [a for f in ("q_grid", "eps_grid") for a in (f"--{f.replace('_', '-')}",
+                                                                 ",".join(f"{v:g}" for v in getattr(args, f)))]
+    name = os.path.basename(os.path.normpath(args.checkpoint))
+    result = analyze(model, task=task, tokens=tokens, out_dir=args.out, n_loops=args.n_loops,
+                     record_loops=args.record_loops, examples=args.examples, seed=args.seed,
+                     power_iters=args.power_iters, q_grid=args.q_grid, eps_grid=args.eps_grid, name=name,
+                     command=shlex.join(command))
+    print(json.dumps({"out": args.out, "files": result["files"], "n_loops": result["n_loops"],
+                      "sigma": result["contraction"]["sigma"]}))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
+            "analyze": cmd_analyze}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
