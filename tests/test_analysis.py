@@ -276,3 +276,19 @@ def test_plots_write_nonempty_pngs(tmp_path):
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, path
+
+
+def test_recording_does_not_change_the_models_outputs_or_state(looped):
+    """The recorder runs beside the model: its forward before and after recording is bitwise the same, and no
+    parameter or other state changes."""
+    model, tokens, _, _ = looped
+    before_state = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    before = model(tokens, n_loops=3, return_steps=True)
+    an.record(model, tokens, n_loops=3, heads=(0, 2), query_positions=(1,))
+    after = model(tokens, n_loops=3, return_steps=True)
+    for name in ("logits", "step_logits", "step_hidden", "gate_logits"):
+        np.testing.assert_array_equal(getattr(after, name), getattr(before, name), err_msg=name)
+    after_state = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    assert after_state.keys() == before_state.keys()
+    for p in before_state:
+        np.testing.assert_array_equal(after_state[p], before_state[p], err_msg=str(p))
