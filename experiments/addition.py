@@ -24,7 +24,7 @@ PRESETS = {
                   exit_gate=False, batch_size=1024, steps=200_000, learning_rate=1e-3, warmup_steps=2_000,
                   eval_count=2048, seeds=(0, 1, 2), **TRAIN),
     "cpu": dict(n_terms=(2, 3, 4), digits=3, archs=L4_GRID, d_model=64, n_heads=4, d_ff=256, exit_gate=False,
-                batch_size=64, steps=1500, learning_rate=3e-3, warmup_steps=100, eval_count=512, seeds=(0, 1),
+                batch_size=32, steps=300, learning_rate=3e-3, warmup_steps=30, eval_count=256, seeds=(0, 1),
                 **TRAIN),
     "smoke": dict(n_terms=(2, 3), digits=2, archs=((1, 1), (1, 2)), d_model=16, n_heads=2, d_ff=32,
                   exit_gate=False, batch_size=8, steps=3, learning_rate=1e-3, warmup_steps=1, eval_count=16,
