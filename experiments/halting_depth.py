@@ -1,10 +1,10 @@
 """Does the exit gate spend depth where it is needed? One looped model trained with the Ouro objective on a mixture
-of p-hop difficulties, then per difficulty p: the mean exit step of the answer under QExit(q) at several q, the
-accuracy at each q (accuracy vs mean depth: the Pareto curve), and the accuracy when every token is forced to
-exit at a fixed step 1..L_max.
+of difficulties (p-hop counts p, or numbers of addends n), then per difficulty: the mean exit step of the answer
+under QExit(q) at several q, the accuracy at each q (accuracy vs mean depth: the Pareto curve), and the accuracy
+when every token is forced to exit at a fixed step 1..L_max.
 
     python -m experiments.halting_depth --preset cpu      # the committed results: experiments/results/halting_depth/
-    python -m experiments.halting_depth --preset paper    # the paper's p-hop sizes, for a TPU / GPU
+    python -m experiments.halting_depth --preset paper    # p-hop at the paper's sizes, for a TPU / GPU
     python -m experiments.halting_depth --smoke           # an end-to-end check in seconds
 
 The claim under test (Ouro, the seed of this project): easy inputs exit after 1-2 loops, hard ones run to L_max.
@@ -29,24 +29,48 @@ from experiments.grid import enable_compile_cache
 from loopjax.analysis.efficiency import EvalPoint, evaluate_rules, exit_rule_grid, pareto_frontier
 from loopjax.analysis.plots import plot_pareto
 from loopjax.config import HaltingConfig, TrainConfig
-from loopjax.data.tasks import PHop
+from loopjax.data.tasks import Addition, PHop
+from loopjax.data.tasks.base import Task
 from loopjax.train.tasks import EVAL_SEED, fit_on_task
 
 TRAIN = dict(schedule="cosine", weight_decay=0.1, grad_clip=1.0)
 Q_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 PRESETS = {
-    "paper": dict(alphabet=4, n=256, hops=(4, 8, 16), k=2, n_loops=8, d_model=128, n_heads=8, d_ff=512,
-                  batch_size=256, steps=200_000, learning_rate=1e-3, warmup_steps=2_000, beta=0.05, q_grid=Q_GRID,
-                  eval_count=2048, seeds=(0, 1, 2), **TRAIN),
-    "cpu": dict(alphabet=4, n=12, hops=(1, 2, 3), k=2, n_loops=4, d_model=64, n_heads=4, d_ff=256,
-                batch_size=32, steps=1000, learning_rate=3e-3, warmup_steps=100, beta=0.02, q_grid=Q_GRID,
+    "paper": dict(task="phop", alphabet=4, n=256, difficulties=(4, 8, 16), k=2, n_loops=8, d_model=128, n_heads=8,
+                  d_ff=512, batch_size=256, steps=200_000, learning_rate=1e-3, warmup_steps=2_000, beta=0.05,
+                  q_grid=Q_GRID, eval_count=2048, seeds=(0, 1, 2), **TRAIN),
+    # p-hop (n 10-32, alphabet 4 or 8, p <= 4) stayed near chance after 1000-1500 steps on a CPU: addition learns.
+    "cpu": dict(task="addition", digits=1, difficulties=(2, 4, 8), k=1, n_loops=4, d_model=64, n_heads=4, d_ff=256,
+                batch_size=32, steps=1500, learning_rate=3e-3, warmup_steps=100, beta=0.02, q_grid=Q_GRID,
                 eval_count=512, seeds=(0, 1), **TRAIN),
-    "smoke": dict(alphabet=4, n=8, hops=(1, 2), k=1, n_loops=3, d_model=16, n_heads=2, d_ff=32,
+    "smoke": dict(task="phop", alphabet=4, n=8, difficulties=(1, 2), k=1, n_loops=3, d_model=16, n_heads=2, d_ff=32,
                   batch_size=8, steps=3, learning_rate=1e-3, warmup_steps=1, beta=0.02, q_grid=(0.5,),
                   eval_count=16, seeds=(0,), **TRAIN),
 }
 TRAIN_KEYS = ("steps", "batch_size", "learning_rate", "warmup_steps", "schedule", "weight_decay", "grad_clip")
+
+
+def difficulty_tasks(preset: dict) -> tuple[Task, dict[str, Task], str]:
+    """The training mixture, one held-out task per difficulty (label -> task), and a sentence describing them.
+
+    ``task="phop"``: difficulties are hop counts p (keys ``alphabet``, ``n``); ``task="addition"``: numbers of
+    terms n (key ``digits``). Every per-difficulty task shares the mixture's vocabulary and row length.
+    """
+    diffs = tuple(preset["difficulties"])
+    if preset["task"] == "phop":
+        a, n = preset["alphabet"], preset["n"]
+        train = PHop(alphabet=a, n=n, hops=diffs)
+        evals = {f"p={p}": PHop(alphabet=a, n=n, hops=(p,), max_hops=max(diffs)) for p in diffs}
+        text = f"p-hop, alphabet {a}, n = {n}, trained on a uniform mixture of p in {list(diffs)}"
+    elif preset["task"] == "addition":
+        train = Addition(n_terms=diffs, digits=preset["digits"])
+        evals = {f"n={k}": Addition(n_terms=(k,), digits=preset["digits"], seq_len=train.length) for k in diffs}
+        text = (f"n-ary addition of {preset['digits']}-digit numbers, trained on a uniform mixture of n in "
+                f"{list(diffs)}")
+    else:
+        raise ValueError(f"task={preset['task']!r}: must be 'phop' or 'addition'")
+    return train, evals, text
 
 
 def train_config(preset: dict, seq_len: int, seed: int) -> TrainConfig:
@@ -73,7 +97,7 @@ def average_points(groups: Sequence[Sequence[EvalPoint]], name: str, *, pooled: 
     return points
 
 
-def run_seed(preset: dict, seed: int, train_task: PHop, eval_tasks: dict[int, PHop],
+def run_seed(preset: dict, seed: int, train_task: Task, eval_tasks: dict[str, Task],
              log=print) -> dict[str, list[EvalPoint]]:
     """Train one gated model; evaluate every exit rule on each difficulty. Returns name -> points (rule order)."""
     cfg = model_config(preset, preset["k"], preset["n_loops"], train_task.vocab_size, train_task.length,
@@ -83,13 +107,12 @@ def run_seed(preset: dict, seed: int, train_task: PHop, eval_tasks: dict[int, PH
     seconds = time.perf_counter() - start
     rules = exit_rule_grid(preset["n_loops"], q_grid=preset["q_grid"])
     points = {}
-    for p, task in eval_tasks.items():
+    for name, task in eval_tasks.items():
         batch = task.eval_batch(seed=EVAL_SEED, count=preset["eval_count"])
-        points[f"p={p}"] = evaluate_rules(model, batch, rules, n_loops=preset["n_loops"], name=f"p={p}",
-                                          batch_size=256)
+        points[name] = evaluate_rules(model, batch, rules, n_loops=preset["n_loops"], name=name, batch_size=256)
     points["all"] = average_points(list(points.values()), "all", pooled=True)
     summary = " ".join(f"{pt.rule}:{100 * pt.accuracy:.0f}%@{pt.answer_loops:.2f}" for pt in points["all"])
-    log(f"seed {seed}: trained in {seconds:.0f}s; all p: {summary}")
+    log(f"seed {seed}: trained in {seconds:.0f}s; mixture (accuracy @ answer exit step): {summary}")
     return {"points": points, "params": lj.count_params(model), "train_seconds": seconds}
 
 
@@ -180,11 +203,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = experiment_parser("halting_depth", __doc__, PRESETS).parse_args(argv)
     preset = resolve_preset(args, PRESETS)
     start = time.perf_counter()
-    hops, n_loops = preset["hops"], preset["n_loops"]
-    train_task = PHop(alphabet=preset["alphabet"], n=preset["n"], hops=hops)
-    eval_tasks = {p: PHop(alphabet=preset["alphabet"], n=preset["n"], hops=(p,), max_hops=max(hops)) for p in hops}
+    n_loops = preset["n_loops"]
+    train_task, eval_tasks, task_text = difficulty_tasks(preset)
     runs = [run_seed(preset, seed, train_task, eval_tasks) for seed in preset["seeds"]]
-    names = [f"p={p}" for p in hops]
+    names = list(eval_tasks)
     columns, rows = table(runs, [*names, "all"])
     out = Path(preset["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -202,12 +224,11 @@ def main(argv: list[str] | None = None) -> Path:
         f"Model: {model} (k = {preset['k']} shared layers, L_max = {n_loops} loops), d_model {preset['d_model']}, "
         f"{preset['n_heads']} heads, FFN {preset['d_ff']}, exit gate, {runs[0]['params']:,} parameters; trained with "
         f"the Ouro objective Σ_t p_t·CE_t − β·H(p), β = {preset['beta']}, {preset['steps']} steps of batch "
-        f"{preset['batch_size']}, lr {preset['learning_rate']} ({preset['schedule']}). Task: p-hop, alphabet "
-        f"{preset['alphabet']}, n = {preset['n']}, trained on a uniform mixture of p in {list(hops)} (the hop count "
-        f"is the prompt's first token); each p scored on {preset['eval_count']} held-out examples.\n\n"
-        "Rows `fixed=t`: every token exits at loop t (forced depth). Rows `q=…`: QExit, each token exits at the first "
-        "loop whose exit CDF reaches q (at most L_max). `exit p=…` is the mean exit step of the answer token (the "
-        "only scored position); `all` is the uniform mixture of the p values; FLOPs/token counts every position's "
+        f"{preset['batch_size']}, lr {preset['learning_rate']} ({preset['schedule']}). Task: {task_text}; each "
+        f"difficulty scored on {preset['eval_count']} held-out examples.\n\n"
+        "Rows `fixed=t`: every token exits at loop t (forced depth). Rows `q=…`: QExit, each token exits at the "
+        "first loop whose exit CDF reaches q (at most L_max). `exit <difficulty>` is the mean exit step over the "
+        "answer tokens (the scored positions); `all` is the uniform mixture of the difficulties; FLOPs/token counts every position's "
         "own exit step. Mean ± std over seeds "
         f"{list(preset['seeds'])}.\n\nPareto frontier of the mixture (mean over seeds, accuracy vs answer exit "
         "step): " + ", ".join(f"{p.rule} ({100 * p.accuracy:.1f}% at {p.answer_loops:.2f})" for p in frontier)
@@ -220,7 +241,8 @@ def main(argv: list[str] | None = None) -> Path:
                        "points": {name: [dataclasses.asdict(p) for p in pts] for name, pts in r["points"].items()}}
                       for s, r in zip(preset["seeds"], runs)],
             "needed_depth": {name: needed_depth(runs, name, n_loops) for name in names}}
-    return write_results(out, title=f"Halting depth per difficulty: {model} with the Ouro exit gate on p-hop",
+    title = f"Halting depth per difficulty: {model} with the Ouro exit gate on {preset['task']}"
+    return write_results(out, title=title,
                          columns=columns, rows=rows, notes=notes, data=data)
 
 
