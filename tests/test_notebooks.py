@@ -3,7 +3,8 @@
 The execution test starts a fresh ``python3`` kernel per notebook (nbclient) with ``SMOKE=1`` and
 ``JAX_PLATFORMS=cpu``, in a temporary working directory so nothing is written into the repository, and fails on
 the first cell that raises. The kernel inherits conftest's 8 host CPU devices, so the data-parallel mesh of the
-notebooks really spans 8 devices, as on a Colab TPU v2-8 / v3-8 runtime.
+notebooks really spans 8 devices, as on a Colab TPU v2-8 / v3-8 runtime. The SMOKE sizes keep each notebook
+near half a minute on a 2-core CI machine, most of it XLA compilation.
 """
 
 import ast
@@ -37,6 +38,8 @@ def compile_cache(tmp_path_factory) -> Path:
 def test_notebook_runs_top_to_bottom_in_smoke_mode(name, tmp_path, compile_cache):
     nb = _read(name)
     env = dict(os.environ, SMOKE="1", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(compile_cache))
+    # tiny programs: XLA's backend optimisations cost more compile time than they save at run time
+    env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     env.pop("MPLBACKEND", None)  # the kernel's inline backend, as in Colab
     # the kernelspec runs "python" from PATH: make it this interpreter, which has loopjax installed
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
