@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from experiments.common import experiment_parser, resolve_preset
-from experiments.grid import enable_compile_cache, run_experiment
+from experiments.grid import enable_compile_cache, paper_column, run_experiment
 from loopjax.data.tasks import Addition
 
 L12_GRID = ((1, 1), (1, 12), (12, 1), (2, 1), (2, 6), (3, 1), (3, 4))
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
              "FFN 1024, L = 12: Loop 1⊗12, Base 12⊗1, Loop 2⊗6); the CPU setting has far fewer terms, a smaller "
              "model, fewer loops and few steps, so its numbers compare the models' ordering, not the paper's values.")
     run_experiment("addition", "n-ary addition: looped vs deep vs shallow", preset, train_task, eval_tasks, argv=argv,
-                   difficulty_name=lambda n: f"n={n}", paper=PAPER, notes=notes)
+                   difficulty_name=lambda n: f"n={n}", notes=notes,
+                   paper=paper_column(preset["archs"], PAPER, paper_depth=12))
 
 
 if __name__ == "__main__":

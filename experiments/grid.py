@@ -77,8 +77,29 @@ def run_grid(preset: dict, train_task: Task, eval_tasks: dict[Hashable, Task], *
     return results
 
 
+def paper_column(archs: Sequence[tuple[int, int]], paper: dict[str, float], paper_depth: int) -> dict[str, str]:
+    """Our label -> the paper's number for the same role, e.g. ``"99.9 (Loop 1⊗6)"`` for our Loop 1⊗4.
+
+    Roles, with D the grid's depth (max k·L): shallow k⊗1 (k < D), looped k⊗(D/k) and deep D⊗1; the paper's grid
+    has depth ``paper_depth``. Archs whose role the paper does not report get no entry.
+    """
+    depth = max(k * n for k, n in archs)
+    out = {}
+    for k, n in archs:
+        if n > 1:
+            theirs = arch_label(k, paper_depth // k)
+        elif k == depth and depth > 1:
+            theirs = arch_label(paper_depth, 1)
+        else:
+            theirs = arch_label(k, 1)
+        if theirs in paper:
+            ours = arch_label(k, n)
+            out[ours] = f"{paper[theirs]}" + ("" if theirs == ours else f" ({theirs})")
+    return out
+
+
 def grid_rows(results: Sequence[ArchResult], difficulty_name: Callable[[Hashable], str],
-              paper: dict[str, float] | None = None) -> tuple[list[str], list[dict]]:
+              paper: dict[str, str] | None = None) -> tuple[list[str], list[dict]]:
     """Table columns and rows: model, k, L, params, FLOPs/token, accuracy per difficulty, seeds, paper."""
     difficulties = list(results[0].accuracy)
     acc_cols = [f"acc {difficulty_name(d)} (%)" for d in difficulties]
@@ -136,7 +157,7 @@ def results_data(preset: dict, results: Sequence[ArchResult]) -> dict:
 
 def run_experiment(name: str, title: str, preset: dict, train_task: Task, eval_tasks: dict[Hashable, Task], *,
                    argv: Sequence[str], difficulty_name: Callable[[Hashable], str],
-                   paper: dict[str, float] | None = None, notes: str = "") -> Path:
+                   paper: dict[str, str] | None = None, notes: str = "") -> Path:
     """Run the grid, then write README.md, results.json, command.txt and ``NAME.png`` into ``preset["out"]``;
     ``argv`` (the script's flags) makes the recorded command, also when ``main(argv)`` runs in-process."""
     start = time.perf_counter()

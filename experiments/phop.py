@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from experiments.common import experiment_parser, resolve_preset
-from experiments.grid import enable_compile_cache, run_experiment
+from experiments.grid import enable_compile_cache, paper_column, run_experiment
 from loopjax.data.tasks import PHop
 
 L6_GRID = ((1, 1), (1, 6), (6, 1), (2, 1), (2, 3), (3, 1), (3, 2))
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
              "and L = 6 (Loop 1⊗6, Base 6⊗1, Loop 2⊗3); the CPU setting is far smaller (short sequences, few hops, "
              "few steps), so its numbers compare the models' ordering, not the paper's values.")
     run_experiment("phop", "p-hop induction: looped vs deep vs shallow", preset, train_task, eval_tasks, argv=argv,
-                   difficulty_name=lambda p: f"p={p}", paper=PAPER, notes=notes)
+                   difficulty_name=lambda p: f"p={p}", notes=notes,
+                   paper=paper_column(preset["archs"], PAPER, paper_depth=6))
 
 
 if __name__ == "__main__":
