@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from loopjax.data.tasks import IGSM, Addition, Example, PHop, answer_correct, lm_arrays
 from loopjax.data.tasks.addition import BOS, EOS, display
 from loopjax.data.tasks.igsm import analyse
-from loopjax.data.tasks.phop import find_1, hop_chain, hop_p
+from loopjax.data.tasks.phop import find_1, hop_chain, hop_p, prefix_hops
 
 FAST = settings(max_examples=40, deadline=None)
 seeds = st.integers(0, 2**31 - 1)
@@ -50,6 +50,32 @@ def test_phop_mixture_draws_every_p_and_shares_vocab():
     assert single.vocab_size == mix.vocab_size == 4 + 1 + 5
     ex = single.example(0, 0)
     assert single.check(ex) and mix.check(ex)
+
+
+@FAST
+@given(v=st.lists(st.integers(0, 3), min_size=1, max_size=30), p=st.integers(1, 5))
+def test_prefix_hops_equal_the_naive_definition_on_every_prefix(v, p):
+    naive = [hop_p(v[:i], p) for i in range(1, len(v) + 1)]
+    assert prefix_hops(v, p).tolist() == [-1 if h is None else h for h in naive]
+
+
+@FAST
+@given(seed=seeds, p=st.integers(1, 4), extra=st.integers(0, 12))
+def test_phop_dense_labels_mark_every_prefix_answer_and_score_only_the_final(seed, p, extra):
+    dense = PHop(alphabet=3, n=2 * p + 2 + extra, hops=(p,), dense_labels=True)
+    plain = PHop(alphabet=3, n=2 * p + 2 + extra, hops=(p,))
+    ex = dense.example(seed, 0)
+    assert np.array_equal(ex.prompt, plain.example(seed, 0).prompt)
+    row, scoring = dense.lm_example(ex), dense.eval_example(ex)
+    v = ex.prompt[1:].tolist()
+    np.testing.assert_array_equal(row["inputs"], scoring["inputs"])
+    for i in range(1, dense.n):  # row position i has seen v_1..v_i
+        h = hop_p(v[:i], p)
+        assert row["mask"][i] == (h is not None) and (h is None or row["targets"][i] == h)
+    assert row["mask"][0] == 0 and row["mask"][dense.n] == 1 and row["targets"][dense.n] == ex.answer[0]
+    np.testing.assert_array_equal(scoring["mask"], plain.lm_example(ex)["mask"])
+    batch = dense.eval_batch(seed=seed, count=3)
+    assert batch["mask"].sum() == 3  # one scored answer per row
 
 
 # ---- addition -------------------------------------------------------------------------------------------------------

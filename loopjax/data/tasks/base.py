@@ -111,16 +111,21 @@ class Task(abc.ABC):
         """True iff the independent checker agrees with the generator's answer."""
         return np.array_equal(self.solve(example.prompt), example.answer)
 
-    def lm_example(self, example: Example) -> dict[str, np.ndarray]:
+    def eval_example(self, example: Example) -> dict[str, np.ndarray]:
+        """The scoring row: ``lm_arrays`` with the answer alone masked in."""
         return lm_arrays(example, self.length, self.pad_id)
+
+    def lm_example(self, example: Example) -> dict[str, np.ndarray]:
+        """The training row (the scoring row unless a task adds extra supervision, e.g. PHop.dense_labels)."""
+        return self.eval_example(example)
 
     def source(self, *, seed: int, num_examples: int = ALL_EXAMPLES) -> TaskSource:
         """A grain random-access source of ``lm_arrays`` rows (feed it to ``loopjax.data.make_pipeline``)."""
         return TaskSource(self, seed=seed, num_examples=num_examples)
 
     def eval_batch(self, *, seed: int, count: int, start: int = 0) -> dict[str, np.ndarray]:
-        """``count`` stacked rows [count, length], for a single-forward accuracy with ``answer_correct``."""
-        rows = [self.lm_example(ex) for ex in self.examples(seed, count, start)]
+        """``count`` stacked scoring rows [count, length], for a single-forward accuracy with ``answer_correct``."""
+        rows = [self.eval_example(ex) for ex in self.examples(seed, count, start)]
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

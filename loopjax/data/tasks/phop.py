@@ -48,6 +48,22 @@ def hop_p(v, p: int) -> int | None:
     return None if i == 0 else int(v[i - 1])
 
 
+def prefix_hops(v, p: int) -> np.ndarray:
+    """[hop_p(v_1..v_i) for i = 1..n] in one O(n·p) pass, -1 for ⊥ (Sanford et al.'s label at every position)."""
+    v = np.asarray(v)
+    n = v.shape[0]
+    find = np.zeros(n + 1, np.int64)  # find[i] = find_1(v, i), 1-based; find[0] = 0
+    latest: dict[int, int] = {}  # symbol c -> the largest j seen so far with v_(j-1) = c
+    for i in range(1, n + 1):
+        if i >= 2:
+            latest[int(v[i - 2])] = i
+        find[i] = latest.get(int(v[i - 1]), 0)
+    pos = np.arange(1, n + 1)
+    for _ in range(p):
+        pos = find[pos]
+    return np.where(pos > 0, v[np.maximum(pos, 1) - 1], -1)
+
+
 def hop_chain(v, p: int) -> list[int]:
     """[find_0, find_1, ..., find_p](v, n), 1-based positions (0 once the chain breaks)."""
     chain = [len(v)]
@@ -69,9 +85,12 @@ class PHop(Task):
     hops: tuple[int, ...] = (16,)
     max_hops: int | None = None
     seq_len: int | None = None
+    dense_labels: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "hops", tuple(int(p) for p in self.hops))
+        if not isinstance(self.dense_labels, bool):
+            raise ValueError(f"dense_labels={self.dense_labels!r}: must be True or False")
         if self.alphabet < 2:
             raise ValueError(f"alphabet={self.alphabet!r}: must be >= 2 (the chain needs c_(t+1) != c_t)")
         if not self.hops or min(self.hops) < 1:
@@ -118,6 +137,17 @@ class PHop(Task):
         v[pos[1:] - 1] = chain[:-1]
         prompt = np.concatenate([[self.hop_token(p)], v[1:]]).astype(np.int32)
         return Example(prompt=prompt, answer=np.array([chain[p]], np.int32), difficulty=p)
+
+    def lm_example(self, example: Example) -> dict[str, np.ndarray]:
+        """Training row: the final answer, plus with ``dense_labels`` the p-hop answer of every shorter prefix."""
+        row = self.eval_example(example)
+        if self.dense_labels:
+            p = int(example.prompt[0]) - self.alphabet
+            answers = prefix_hops(example.prompt[1:], p)[:-1]  # prefixes v_1..v_i, i < n; row position i
+            pos = np.flatnonzero(answers >= 0) + 1
+            row["targets"][pos] = answers[pos - 1]
+            row["mask"][pos] = 1.0
+        return row
 
     def solve(self, prompt: np.ndarray) -> np.ndarray:
         p = int(prompt[0]) - self.alphabet
