@@ -27,7 +27,7 @@ PRESETS = {
                   d_ff=1024, exit_gate=False, batch_size=256, steps=100_000, learning_rate=1e-3, warmup_steps=2_000,
                   eval_count=2048, seeds=(0, 1, 2), **TRAIN),
     "cpu": dict(difficulties=((1, 1), (2, 2)), n_distractors=1, archs=CPU_GRID, d_model=64, n_heads=4,
-                d_ff=256, exit_gate=False, batch_size=32, steps=300, learning_rate=3e-3, warmup_steps=30,
+                d_ff=256, exit_gate=False, batch_size=32, steps=200, learning_rate=3e-3, warmup_steps=20,
                 eval_count=256, seeds=(0, 1), **TRAIN),
     "smoke": dict(difficulties=((1, 1), (2, 2)), n_distractors=1, archs=((1, 1), (1, 2)), d_model=16, n_heads=2,
                   d_ff=32, exit_gate=False, batch_size=8, steps=3, learning_rate=1e-3, warmup_steps=1,

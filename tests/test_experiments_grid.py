@@ -9,6 +9,7 @@ from experiments import addition, igsm, phop
 from experiments.grid import ArchResult, grid_rows
 
 
+@pytest.mark.slow  # two compiles and fits per script: ~4 min each on the loaded shared CPU
 @pytest.mark.parametrize("module, name, first_col", [(phop, "phop", "acc p=1 (%)"),
                                                      (addition, "addition", "acc n=2 (%)"),
                                                      (igsm, "igsm", "acc D1K1 (%)")])
