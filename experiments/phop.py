@@ -24,12 +24,13 @@ TRAIN = dict(schedule="cosine", weight_decay=0.1, grad_clip=1.0)
 PRESETS = {
     "paper": dict(alphabet=4, n=256, hops=(16,), archs=L6_GRID, d_model=128, n_heads=8, d_ff=512, exit_gate=False,
                   batch_size=256, steps=200_000, learning_rate=1e-3, warmup_steps=2_000, eval_count=2048,
-                  seeds=(0, 1, 2), **TRAIN),
-    "cpu": dict(alphabet=4, n=12, hops=(1, 2), archs=L4_GRID, batch_size=32, steps=500, learning_rate=3e-3,
-                warmup_steps=50, eval_count=256, seeds=(0, 1), **MODEL, **TRAIN),
-    "quick": dict(alphabet=4, n=12, hops=(1, 2), archs=((1, 1), (1, 4), (4, 1)), batch_size=64, steps=600,
-                  learning_rate=3e-3, warmup_steps=50, eval_count=256, seeds=(0,), **MODEL, **TRAIN),
-    "smoke": dict(alphabet=4, n=8, hops=(1, 2), archs=((1, 1), (1, 2)), batch_size=8, steps=3,
+                  seeds=(0, 1, 2), dense_labels=False, **TRAIN),
+    "cpu": dict(alphabet=4, n=16, hops=(1, 2), archs=L4_GRID, batch_size=32, steps=1000, learning_rate=3e-3,
+                warmup_steps=50, eval_count=256, seeds=(0, 1), dense_labels=True, **MODEL, **TRAIN),
+    "quick": dict(alphabet=4, n=16, hops=(1, 2), archs=((1, 1), (1, 4), (4, 1)), batch_size=32, steps=600,
+                  learning_rate=3e-3, warmup_steps=50, eval_count=256, seeds=(0,), dense_labels=True, **MODEL,
+                  **TRAIN),
+    "smoke": dict(alphabet=4, n=8, hops=(1, 2), archs=((1, 1), (1, 2)), batch_size=8, steps=3, dense_labels=True,
                   learning_rate=1e-3, warmup_steps=1, eval_count=16, seeds=(0,), d_model=16, n_heads=2, d_ff=32,
                   exit_gate=False, **TRAIN),
 }
@@ -42,12 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = experiment_parser("phop", __doc__, PRESETS).parse_args(argv)
     preset = resolve_preset(args, PRESETS)
-    train_task = PHop(alphabet=preset["alphabet"], n=preset["n"], hops=preset["hops"])
+    train_task = PHop(alphabet=preset["alphabet"], n=preset["n"], hops=preset["hops"],
+                      dense_labels=preset["dense_labels"])
     eval_tasks = {p: PHop(alphabet=preset["alphabet"], n=preset["n"], hops=(p,), max_hops=max(preset["hops"]))
                   for p in preset["hops"]}
     notes = (f"Task: alphabet {preset['alphabet']}, n = {preset['n']}, trained on a mixture of p in "
-             f"{list(preset['hops'])}, scored per p on {preset['eval_count']} held-out examples each; "
-             f"{preset['steps']} steps of batch {preset['batch_size']}, d_model {preset['d_model']}, "
+             f"{list(preset['hops'])}, scored per p on {preset['eval_count']} held-out examples each (the final "
+             "answer only); "
+             + ("training rows label every prefix's p-hop answer as well (`dense_labels`, Sanford et al.'s "
+                "labelling; the paper's runs supervise the final answer alone); " if preset["dense_labels"] else "")
+             + f"{preset['steps']} steps of batch {preset['batch_size']}, d_model {preset['d_model']}, "
              f"{preset['n_heads']} heads, FFN {preset['d_ff']}. "
              "The paper column is Saunshi et al.'s Table 1 at p = 16, n = 256, 200k steps of batch 256, d_model 128, "
              "and L = 6 (Loop 1⊗6, Base 6⊗1, Loop 2⊗3); the CPU setting is far smaller (short sequences, few hops, "
