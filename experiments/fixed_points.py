@@ -45,12 +45,13 @@ PRESETS = {
 
 
 def experiment(preset: dict) -> Experiment:
-    """The p-hop run: a looped model (k layers, L loops) trained on the Ouro objective (entropy-regularised
+    """The p-hop run: a looped model (k layers, L loops) with Ouro's sandwich norms and normed carried state
+    (``step_norm``, so a bounded fixed point can exist), trained on the Ouro objective (entropy-regularised
     expected loss over exit steps)."""
     task = PHop(**preset["task"])
     model = lj.tiny(vocab_size=task.vocab_size, d_model=preset["d_model"], d_ff=preset["d_ff"],
                     n_heads=preset["n_heads"], n_kv_heads=preset["n_heads"], n_layers=preset["n_layers"],
-                    n_loops=preset["n_loops"], max_seq_len=task.length)
+                    n_loops=preset["n_loops"], max_seq_len=task.length, norm_scheme="sandwich", step_norm=True)
     train = TrainConfig(steps=preset["steps"], batch_size=preset["batch_size"], seq_len=task.length,
                         learning_rate=preset["learning_rate"], warmup_steps=preset["warmup_steps"],
                         weight_decay=0.0, objective=HaltingConfig(objective="ouro", beta=0.05),
@@ -93,24 +94,32 @@ def _facts(name: str, r: dict) -> list[str]:
     """Sentences that restate the numbers (computed, so they stay true when the run changes)."""
     conv, c, lens = r["convergence"], r["contraction"], r["logit_lens"]
     rel = np.asarray(conv["relative"], np.float64)  # [T-1, k]
+    ab = np.asarray(conv["absolute"], np.float64)
     t_rec, t_train = r["record_loops"], r["model"]["n_loops"]
-    shrink = rel[-1] / np.maximum(rel[0], 1e-30)
+    settling = np.all(ab[-1] < 0.5 * ab[0]) and np.all(ab[-1] < ab[-2])
     facts = [f"{name}: from loop 2 to loop {t_rec} the relative change of each layer went "
-             + ", ".join(f"{a:.3g} → {b:.3g}" for a, b in zip(rel[0], rel[-1]))
-             + (" (every layer settles)" if np.all(shrink < 0.5) else
-                " (not every layer's change fell below half of its loop-2 value)") + "."]
+             + ", ".join(f"{a:.3g} → {b:.3g}" for a, b in zip(rel[0], rel[-1])) + " and the absolute change "
+             + ", ".join(f"{a:.3g} → {b:.3g}" for a, b in zip(ab[0], ab[-1]))
+             + ("; every layer's absolute change is still shrinking at the last loop (it settles)." if settling else
+                f"; the absolute change is still falling at loop {t_rec} but only to {ab[-1].max() / ab[0].max():.2g} "
+                "of its loop-2 value, so no layer is shown to reach a fixed point within these loops."
+                if ab.mean(1).argmin() == len(ab) - 1 else
+                f"; the absolute change is smallest at loop {int(ab.mean(1).argmin()) + 2} "
+                f"({ab.mean(1).min():.3g}, layer mean) and does not keep shrinking after it, so no layer is shown "
+                "to reach a fixed point within these loops.")]
     dist = np.asarray(conv["fixed_point_distances"], np.float64)
     if dist.shape[0] > 1:
         off = dist[~np.eye(dist.shape[0], dtype=bool)]
-        facts.append(f"The layers' points at loop {t_rec} are {off.min():.3g}–{off.max():.3g} apart (relative), "
+        spread = f"{off.min():.3g}" if np.isclose(off.min(), off.max()) else f"{off.min():.3g}–{off.max():.3g}"
+        facts.append(f"The layers' points at loop {t_rec} are {spread} apart (relative), "
                      f"{'more' if off.min() > rel[-1].max() else 'not more'} than the last loop moved them "
                      f"({rel[-1].max():.3g}); cyclic score {conv['cyclic_score'][-1]:.3g}.")
     sig = np.asarray(c["sigma"], np.float64)
     below = [t for t, s in zip(c["loops_done"], sig) if s < 1]
-    facts.append("The loop map's Jacobian spectral norm is " + ", ".join(
-        f"{s:.3g} after {t} loops" for t, s in zip(c["loops_done"], sig)) + ": "
+    facts.append("The loop map's Jacobian spectral norm σ(∂F/∂h) is " + ", ".join(
+        f"{s:.3g} at h_{t}" for t, s in zip(c["loops_done"], sig)) + ": "
         + ("locally contractive (< 1) at every measured state." if len(below) == len(sig) else
-           f"< 1 only after {below} loops." if below else "not contractive (>= 1) at any measured state."))
+           f"< 1 only at h_t for t in {below}." if below else "not contractive (>= 1) at any measured state."))
     top1 = np.asarray(lens["top1"], np.float64)
     facts.append(f"Logit lens: loop 1 already agrees with loop {t_rec}'s top-1 token on {top1[0]:.0%} of tokens, "
                  f"loop {min(t_train, t_rec)} on {top1[min(t_train, t_rec) - 1]:.0%}.")
