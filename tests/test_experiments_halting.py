@@ -39,7 +39,7 @@ def test_halting_depth_smoke_writes_table_json_and_plots(tmp_path, capsys):
     for i, pt in enumerate(points["all"]):
         assert pt["accuracy"] == pytest.approx(np.mean([points[n][i]["accuracy"] for n in ("p=1", "p=2")]))
     assert _png_ok(tmp_path / "halting_depth.png") and _png_ok(tmp_path / "halting_depth_pareto.png")
-    assert "--smoke" in (tmp_path / "command.txt").read_text()
+    assert "# revision " in (tmp_path / "command.txt").read_text()
     assert "| fixed=1 |" in capsys.readouterr().out
 
 
@@ -56,7 +56,7 @@ def test_extrapolation_smoke_writes_table_json_and_plot(tmp_path, capsys):
     assert all(len(acc[r][p]) == 2 * n_loops for r in acc for p in acc[r])
     assert all(0.0 <= a <= 1.0 for r in acc for p in acc[r] for v in acc[r][p].values() for a in v)
     assert _png_ok(tmp_path / "extrapolation.png")
-    assert "--smoke" in (tmp_path / "command.txt").read_text()
+    assert "# revision " in (tmp_path / "command.txt").read_text()
     assert "| random | p=2 |" in capsys.readouterr().out
 
 
