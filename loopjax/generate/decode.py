@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from loopjax.generate.cache import KVCache, constrain, fill_skipped_steps, write_slot, write_slot_rows
 from loopjax.halting import rule_fires
-from loopjax.layers import DecoderLayer, attention_mask, rope_cos_sin
+from loopjax.layers import Attention, DecoderLayer, attention_mask, rope_cos_sin
 
 
 @jax.tree_util.register_dataclass
@@ -41,15 +41,41 @@ def _layer_chunk(layer: DecoderLayer, x_BSD, cos, sin, mask_BSS):
     return layer.mlp_residual(x_BSD), k, v
 
 
-def _layer_cached(layer: DecoderLayer, x_B1D, cos, sin, mask_B1C, ck, cv, read_slot, write):
+def attend_cached(attn: Attention, q_B1NH: jax.Array, k_BKCH: jax.Array, v_BKCH: jax.Array,
+                  mask_BC: jax.Array) -> jax.Array:
+    """``Attention.attend`` for one query per row over the cache layout [B, K, C, H]: [B, 1, D].
+
+    Same math (float32 scores, query head j = (kv head j // G, group j % G)), but every (row, kv head) reads a
+    contiguous [C, H] block and the heads come out flat [B, N*H] for the output projection, so XLA inserts no
+    transposed copies of the cache slot or of ``wo`` at every layer and loop step.
+    """
+    b, _, n, h = q_B1NH.shape
+    kv = k_BKCH.shape[1]
+    q = q_B1NH.reshape(b, kv, n // kv, h)
+    scores = jnp.einsum("bkgh,bkch->bkgc", q, k_BKCH, preferred_element_type=jnp.float32) * (h ** -0.5)
+    scores = jnp.where(mask_BC[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKCH.dtype)
+    out = jnp.einsum("bkgc,bkch->bkgh", probs, v_BKCH).reshape(b, 1, n * h)
+    return out @ attn.wo[...].reshape(n * h, -1).astype(out.dtype)
+
+
+def _layer_cached(layer: DecoderLayer, x_B1D, cos, sin, mask_BC, ck, cv, read_slot, write):
     """A decoder layer for one new token per row: ``write(ck, cv, k, v)`` stores its KV, then it attends to slot
     ``read_slot`` of the cache."""
     q, k, v = layer.attn.project(layer.norm_in(x_B1D), cos, sin)
     ck, cv = write(ck, cv, k, v)
     keys = jax.lax.dynamic_index_in_dim(ck, read_slot, 0, keepdims=False)
     values = jax.lax.dynamic_index_in_dim(cv, read_slot, 0, keepdims=False)
-    x_B1D = layer.attn_residual(x_B1D, layer.attn.attend(q, keys, values, mask_B1C))
+    x_B1D = layer.attn_residual(x_B1D, attend_cached(layer.attn, q, keys, values, mask_BC))
     return layer.mlp_residual(x_B1D), ck, cv
+
+
+def _head(model, x_BD: jax.Array) -> jax.Array:
+    """``LoopedLM.head``; a tied head contracts the embedding's D axis directly ([V, D] as stored), where
+    ``head``'s ``embed.T`` makes XLA copy the whole transposed embedding at every decoded token."""
+    if model.lm_head is not None:
+        return model.head(x_BD)
+    return jnp.einsum("bd,vd->bv", x_BD, model.embed[...].astype(x_BD.dtype), preferred_element_type=jnp.float32)
 
 
 def _select(fires, open_, out_new, out_sel, exit_step, t):
@@ -139,7 +165,7 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
     positions_BC = jax.lax.dynamic_update_slice(cache.positions_BC, pos_B1, (0, idx))
     valid_BC = jax.lax.dynamic_update_slice(cache.valid_BC, jnp.ones_like(pos_B1, bool), (0, idx))
     cos, sin = rope_cos_sin(pos_B1, cfg.d_head, cfg.rope_theta)
-    mask_B1C = attention_mask(pos_B1, positions_BC, valid_BC, cfg.sliding_window)
+    mask_BC = attention_mask(pos_B1, positions_BC, valid_BC, cfg.sliding_window)[:, 0]
 
     def write_all(ck, cv, k, v, slot):
         return write_slot(ck, slot, idx, k), write_slot(cv, slot, idx, v)
@@ -147,7 +173,7 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
     e = model.embed_tokens(tokens_B[:, None])
     pk, pv = cache.prelude_k, cache.prelude_v
     for i, layer in enumerate(model.prelude):
-        e, pk, pv = _layer_cached(layer, e, cos, sin, mask_B1C, pk, pv, i, lambda a, b, k, v, i=i: write_all(a, b, k, v, i))
+        e, pk, pv = _layer_cached(layer, e, cos, sin, mask_BC, pk, pv, i, lambda a, b, k, v, i=i: write_all(a, b, k, v, i))
 
     adaptive = exit_rule is not None and kv_mode != "compute_all"
 
@@ -165,7 +191,7 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
             def write(a, b, k, v, slot=slot):
                 return write_slot_rows(a, slot, idx, k, rows), write_slot_rows(b, slot, idx, v, rows)
 
-            x, ck, cv = _layer_cached(layer, x, cos, sin, mask_B1C, ck, cv, slot, write)
+            x, ck, cv = _layer_cached(layer, x, cos, sin, mask_BC, ck, cv, slot, write)
         out = core.norm(x)
         new_h = out if cfg.step_norm else x
         if core.gate is not None:
@@ -186,11 +212,11 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
     x = out_sel
     dk, dv = cache.coda_k, cache.coda_v
     for i, layer in enumerate(model.coda):
-        x, dk, dv = _layer_cached(layer, x, cos, sin, mask_B1C, dk, dv, i, lambda a, b, k, v, i=i: write_all(a, b, k, v, i))
+        x, dk, dv = _layer_cached(layer, x, cos, sin, mask_BC, dk, dv, i, lambda a, b, k, v, i=i: write_all(a, b, k, v, i))
     x = x[:, 0]
     if model.coda_norm is not None:
         x = model.coda_norm(x)
-    logits = model.head(x)
+    logits = _head(model, x)
 
     cache = KVCache(core_k=ck, core_v=cv, prelude_k=pk, prelude_v=pv, coda_k=dk, coda_v=dv,
                     positions_BC=positions_BC, valid_BC=valid_BC, next_pos_B=cache.next_pos_B + 1, length=idx + 1)
