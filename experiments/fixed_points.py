@@ -34,12 +34,14 @@ OURO = ROOT / "tests" / "data" / "ouro"
 
 # cpu: about 3 minutes of training on an idle 2-core machine; smoke: an end-to-end check in seconds
 PRESETS = {
-    "cpu": dict(d_model=64, d_ff=128, n_heads=4, n_layers=2, n_loops=4, task=dict(alphabet=4, n=16, hops=(1, 2)),
-                steps=1000, batch_size=32, learning_rate=3e-3, warmup_steps=100, examples=256, record_rows=8,
+    "cpu": dict(d_model=64, d_ff=128, n_heads=4, n_layers=2, n_loops=4,
+                task=dict(alphabet=4, n=16, hops=(1, 2), dense_labels=True), steps=1000, batch_size=32,
+                learning_rate=3e-3, warmup_steps=100, examples=256, record_rows=8,
                 power_iters=60, q_grid=(0.25, 0.5, 0.75, 0.9), eps_grid=(1e-1, 1e-2, 1e-3), ouro_rows=8,
                 ouro_seq=32),
-    "smoke": dict(d_model=32, d_ff=64, n_heads=4, n_layers=2, n_loops=2, task=dict(alphabet=4, n=12, hops=(2,)),
-                  steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=1, examples=8, record_rows=8,
+    "smoke": dict(d_model=32, d_ff=64, n_heads=4, n_layers=2, n_loops=2,
+                  task=dict(alphabet=4, n=12, hops=(2,), dense_labels=True), steps=4, batch_size=8,
+                  learning_rate=1e-3, warmup_steps=1, examples=8, record_rows=8,
                   power_iters=10, q_grid=(0.5,), eps_grid=(1e-2,), ouro_rows=2, ouro_seq=8),
 }
 
