@@ -3,7 +3,7 @@
     python -m experiments.addition --preset cpu       # the committed results: experiments/results/addition/
     python -m experiments.addition --preset paper     # the paper's sizes, for a TPU / GPU
 
-Every model trains on a mixture of term counts n (numbers of 3 digits, zero-padded) and is scored per n on held-out
+Every model trains on a mixture of term counts n (numbers of `digits` digits, zero-padded: 3 in the paper) and is scored per n on held-out
 examples; an answer counts when every digit and the closing EOS are right (see ``loopjax.data.tasks.addition``).
 """
 
@@ -23,8 +23,8 @@ PRESETS = {
     "paper": dict(n_terms=(8, 16, 24, 32), digits=3, archs=L12_GRID, d_model=256, n_heads=8, d_ff=1024,
                   exit_gate=False, batch_size=1024, steps=200_000, learning_rate=1e-3, warmup_steps=2_000,
                   eval_count=2048, seeds=(0, 1, 2), **TRAIN),
-    "cpu": dict(n_terms=(2, 3, 4), digits=3, archs=L4_GRID, d_model=64, n_heads=4, d_ff=256, exit_gate=False,
-                batch_size=32, steps=300, learning_rate=3e-3, warmup_steps=30, eval_count=256, seeds=(0, 1),
+    "cpu": dict(n_terms=(2, 4, 8), digits=1, archs=L4_GRID, d_model=64, n_heads=4, d_ff=256, exit_gate=False,
+                batch_size=32, steps=1000, learning_rate=3e-3, warmup_steps=100, eval_count=256, seeds=(0, 1),
                 **TRAIN),
     "smoke": dict(n_terms=(2, 3), digits=2, archs=((1, 1), (1, 2)), d_model=16, n_heads=2, d_ff=32,
                   exit_gate=False, batch_size=8, steps=3, learning_rate=1e-3, warmup_steps=1, eval_count=16,
