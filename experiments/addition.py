@@ -3,8 +3,9 @@
     python -m experiments.addition --preset cpu       # the committed results: experiments/results/addition/
     python -m experiments.addition --preset paper     # the paper's sizes, for a TPU / GPU
 
-Every model trains on a mixture of term counts n (numbers of `digits` digits, zero-padded: 3 in the paper) and is scored per n on held-out
-examples; an answer counts when every digit and the closing EOS are right (see ``loopjax.data.tasks.addition``).
+Every model trains on a mixture of term counts n (numbers of ``digits`` digits, zero-padded; 3 in the paper) and
+is scored per n on held-out examples; an answer counts when every digit and the closing EOS are right (see
+``loopjax.data.tasks.addition``).
 """
 
 from __future__ import annotations

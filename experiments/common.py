@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import loopjax as lj
+from loopjax.analysis.report import git_revision
 from loopjax.config import LoopedConfig
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
@@ -111,19 +111,6 @@ def mean_pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> s
     if v.size == 1:
         return f"{v[0]:.{digits}f}"
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
-
-
-def git_revision() -> str:
-    """The checkout's commit (with ``+dirty`` when tracked files differ from it), or ``unknown``."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + ("+dirty" if dirty else "")
 
 
 def command_line() -> str:
