@@ -27,6 +27,8 @@ from loopjax.analysis.report import git_revision
 from loopjax.config import LoopedConfig
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+RUNS_ROOT = Path(__file__).resolve().parent.parent / "runs" / "results"  # gitignored
+COMMITTED_PRESET = "cpu"  # its results are the ones committed under experiments/results/NAME
 MODEL_KEYS = ("d_model", "n_heads", "n_kv_heads", "d_ff", "exit_gate", "norm_scheme", "step_norm", "input_injection",
               "remat_policy")
 
@@ -41,7 +43,8 @@ def experiment_parser(name: str, description: str | None, presets: dict[str, dic
                    help="sizes and steps (cpu: a 2-core CPU; paper: the paper's sizes, for a TPU / GPU)")
     p.add_argument("--smoke", action="store_true", help="the 'smoke' preset, one seed: an end-to-end check")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the preset's)")
-    p.add_argument("--out", default=None, help=f"results folder (default experiments/results/{name})")
+    p.add_argument("--out", default=None, help=f"results folder (default experiments/results/{name} for the "
+                   f"{COMMITTED_PRESET} preset, runs/results/{name}-PRESET for the others)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one preset value (a Python literal), e.g. --set steps=2000")
     p.set_defaults(experiment=name)
@@ -86,7 +89,12 @@ def resolve_preset(args: argparse.Namespace, presets: dict[str, dict]) -> dict:
         raise ValueError(f"--seeds {seeds}: must be non-negative ints")
     preset["seeds"] = seeds
     preset["preset"] = name
-    preset["out"] = Path(args.out) if args.out else RESULTS_ROOT / args.experiment
+    if args.out:
+        preset["out"] = Path(args.out)
+    elif name == COMMITTED_PRESET:
+        preset["out"] = RESULTS_ROOT / args.experiment
+    else:  # other presets never overwrite the committed results
+        preset["out"] = RUNS_ROOT / f"{args.experiment}-{name}"
     return preset
 
 

@@ -138,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.fixed_points", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--smoke", action="store_true", help="the smoke preset: an end-to-end check in seconds")
-    parser.add_argument("--out", default=None, help="results folder (default experiments/results/fixed_points)")
+    parser.add_argument("--out", default=None, help="results folder (default experiments/results/fixed_points "
+                        "for the cpu preset, runs/results/fixed_points-PRESET for the others)")
     parser.add_argument("--workdir", default=None, help="training run folder (default runs/fixed_points/PRESET)")
     args = parser.parse_args(argv)
     name = "smoke" if args.smoke else args.preset
     preset = PRESETS[name]
-    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / "fixed_points"
+    committed = ROOT / "experiments" / "results" / "fixed_points"
+    out = Path(args.out) if args.out else (committed if name == "cpu"
+                                           else ROOT / "runs" / "results" / f"fixed_points-{name}")
     workdir = Path(args.workdir) if args.workdir else ROOT / "runs" / "fixed_points" / name
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "experiments.fixed_points", *argv])

@@ -107,6 +107,7 @@ def test_experiment_flags_and_presets(tmp_path):
                               PRESETS)
     assert (p["steps"], p["lr"], p["hops"], p["seeds"], p["preset"]) == (7, 1.0, (3,), (0, 1), "cpu")
     assert p["out"] == common.RESULTS_ROOT / "demo"
+    assert common.resolve_preset(parser.parse_args(["--smoke"]), PRESETS)["out"] == common.RUNS_ROOT / "demo-smoke"
     s = common.resolve_preset(parser.parse_args(["--smoke", "--out", str(tmp_path)]), PRESETS)
     assert s["steps"] == 2 and s["seeds"] == (0,) and s["out"] == tmp_path
     with pytest.raises(ValueError, match="unknown key"):
