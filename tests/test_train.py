@@ -201,3 +201,32 @@ def test_trainer_learns_and_writes_jsonl_and_tensorboard(tmp_path):
     assert result.eval_metrics["eval/accuracy"] > 0.5  # copying is learnt
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
     assert trainer.checkpointer.all_steps() == [12, 24]
+
+
+def test_init_params_starts_from_given_weights_with_a_fresh_optimizer():
+    """Stage II style: a second Trainer starts from the first one's weights; the caller's arrays stay valid and
+    the result equals continuing the same weights by hand with a fresh optimizer."""
+    tcfg = TrainConfig(steps=3, batch_size=8, seq_len=SEQ, warmup_steps=0, log_every=3, ckpt_every=0,
+                       log_loop_losses=False)
+    mesh = single_device_mesh()
+    first = _quiet_trainer(tiny_model(), tcfg, train_data=_batches(3), tensorboard=False, mesh=mesh)
+    first.fit()
+    given = first.state.params
+    before = jax.device_get(given)
+    second = _quiet_trainer(tiny_model(), tcfg.replace(seed=5), train_data=_batches(3), tensorboard=False, mesh=mesh,
+                            init_params=given)
+    assert int(second.state.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state.params), before)
+    zeros = [np.abs(np.asarray(x)).max() for x in jax.tree.leaves(second.state.opt_state) if np.ndim(x) > 0]
+    assert zeros and max(zeros) == 0.0  # fresh Adam moments
+    second.fit()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(given), before)  # not donated away
+    # a LoopedLM is taken as its Param state
+    third = _quiet_trainer(tiny_model(), tcfg.replace(seed=5), train_data=_batches(3), tensorboard=False, mesh=mesh,
+                           init_params=first.model())
+    third.fit()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(third.state.params),
+                 jax.device_get(second.state.params))
+    with pytest.raises(ValueError, match="init_params"):
+        _quiet_trainer(tiny_model(d_model=16), tcfg, train_data=_batches(1), tensorboard=False, mesh=mesh,
+                       init_params=given)

@@ -21,6 +21,7 @@ import warnings
 from typing import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -57,6 +58,23 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
+def _state_from_params(init: nnx.State | LoopedLM, abstract: TrainState, tx, shardings: TrainState) -> TrainState:
+    """A step-0 train state holding copies of ``init``'s parameters and a fresh optimizer state."""
+    params = nnx.state(init, nnx.Param) if isinstance(init, nnx.Module) else init
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), abstract.params)
+    got = jax.tree.map(lambda x: (tuple(np.shape(x)), jnp.asarray(x).dtype), params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise ValueError("init_params: must have the parameter names, shapes and dtypes of LoopedLM(model_cfg); "
+                         f"got a different tree (first leaves {jax.tree.leaves(got)[:2]} vs "
+                         f"{jax.tree.leaves(want)[:2]})")
+
+    def build(p: nnx.State) -> TrainState:
+        p = jax.tree.map(lambda x: x * jnp.ones((), x.dtype), p)  # a new buffer, never the caller's
+        return TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p), nonfinite=jnp.int32(0),
+                          first_nonfinite=jnp.int32(-1))
+    return jax.jit(build, out_shardings=shardings)(params)
+
+
 class Trainer:
     """Training loop for a ``LoopedLM`` (see the module docstring).
 
@@ -68,13 +86,17 @@ class Trainer:
       saved beside and inside every checkpoint. on_step: called with the step number after every update.
     progress: force the progress bar on / off (default: on when stderr is a terminal). tensorboard: also write
       TensorBoard event files. restore_step: resume from this checkpoint step instead of the newest readable one.
+    init_params: start from these weights (a ``LoopedLM`` or its ``nnx.Param`` state, e.g. a previous stage's
+      ``trainer.state.params``) with a fresh optimizer state, instead of a random init; they are copied, so the
+      caller's arrays stay valid. Ignored when a checkpoint in ``workdir`` is resumed.
     """
 
     def __init__(self, model_cfg: LoopedConfig, train_cfg: TrainConfig, *, train_data: Iterable[dict],
                  eval_data: Callable[[], Iterable[dict]] | Iterable[dict] | None = None,
                  workdir: str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
                  config: dict | None = None, on_step: Callable[[int], None] | None = None,
-                 progress: bool | None = None, tensorboard: bool = True, restore_step: int | None = None):
+                 progress: bool | None = None, tensorboard: bool = True, restore_step: int | None = None,
+                 init_params: nnx.State | LoopedLM | None = None):
         self.model_cfg, self.cfg = model_cfg, train_cfg
         hcfg = train_cfg.objective
         if hcfg.objective in GATED_OBJECTIVES and not model_cfg.exit_gate:
@@ -114,8 +136,12 @@ class Trainer:
             restored = self.checkpointer.restore(abstract_target(abstract, self.state_shardings),
                                                  data_iter=data_iter, step=restore_step)
         self.resumed_from = None if restored is None else restored[0]
-        self.state: TrainState = (restored[1] if restored is not None
-                                  else jax.jit(build, out_shardings=self.state_shardings)())
+        if restored is not None:
+            self.state: TrainState = restored[1]
+        elif init_params is not None:
+            self.state = _state_from_params(init_params, abstract, tx, self.state_shardings)
+        else:
+            self.state = jax.jit(build, out_shardings=self.state_shardings)()
         self._last_saved = self.resumed_from
 
         self._train_step = jax.jit(make_train_step(self.graphdef, train_cfg, tx, schedule), donate_argnums=0,
