@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from loopjax.data.tasks import IGSM, Addition, Example, PHop, answer_correct, lm_arrays
 from loopjax.data.tasks.addition import BOS, EOS, display
-from loopjax.data.tasks.igsm import analyse
+from loopjax.data.tasks.igsm import analyse, prefix_values
 from loopjax.data.tasks.phop import find_1, hop_chain, hop_p, prefix_hops
 
 FAST = settings(max_examples=40, deadline=None)
@@ -126,6 +126,36 @@ def test_igsm_checker_on_hand_example():
               E[0], E[2], eq, 6, end,                               # w = 6
               task.query_id, E[0], E[1], eq]
     assert analyse(task, np.array(prompt)) == (((5 - 6) * 5) % 7, 2, 2)  # (-5) mod 7 = 2
+    # dense labels: only the statements the prefix determines (z = 5, w = 6; x and y use later definitions)
+    assert prefix_values(task, np.array(prompt)) == [(14, 5), (28, 6)]
+
+
+@FAST
+@given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(1, 3), data=st.data())
+def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, index, depth, data):
+    n_ops = data.draw(st.integers(depth, 2**depth - 1))
+    kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)))
+    task, dense = IGSM(**kw), IGSM(**kw, dense_labels=True)
+    ex = dense.example(seed, index)
+    assert np.array_equal(ex.prompt, task.example(seed, index).prompt)  # same stream
+    row, plain = dense.lm_example(ex), task.lm_example(ex)
+    assert {k: v.tolist() for k, v in dense.eval_example(ex).items()} == {k: v.tolist() for k, v in plain.items()}
+    labelled = np.flatnonzero(row["mask"] > plain["mask"])
+    toks = ex.prompt.tolist()
+    known = set()  # names defined so far, whose values the prefix determines
+    for pos in range(len(toks) - 4):
+        if toks[pos] != task.end_id:
+            continue
+        start = max(i for i in range(pos) if toks[i] in (task.bos_id, task.end_id)) + 1
+        name, body = tuple(toks[start:start + 2]), toks[start + 3:pos]
+        if len(body) == 1 or {tuple(body[:2]), tuple(body[3:5])} <= known:
+            known.add(name)
+            # the independent evaluator, asked about this statement's name instead of the query
+            value = analyse(task, np.array(toks[:-3] + [*name, task.eq_id]))[0]
+            assert pos in labelled and row["targets"][pos] == value
+        else:
+            assert pos not in labelled
+    assert len(labelled) == len(known)
 
 
 @FAST

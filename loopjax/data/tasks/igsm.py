@@ -13,6 +13,11 @@ Generator, for a difficulty (depth D, operations K) drawn uniformly from ``diffi
   4. Every node gets a distinct random edge of the hierarchy as its name; the statements are shuffled.
 The answer is the query node's value mod ``modulus``.
 
+``dense_labels=True`` adds supervision to the training rows (``lm_example``; scoring rows keep the answer alone):
+at the ';' closing each statement whose value is determined by the statements before it (a constant, or an
+operation whose operands are all defined earlier, recursively), the target is that value: the "answer of every
+prefix" labelling that p-hop's ``dense_labels`` uses, for the parameters a causal reader can already evaluate.
+
 Tokens: values 0..M-1 (M = modulus), then '+', '-', '*', '=', ';', '?', BOS, PAD, then entity names.
 A statement is [P, C, '=', v, ';'] (a constant) or [P, C, '=', Pa, Ca, op, Pb, Cb, ';'] (an operation);
 prompt = [BOS, statements..., '?', Pq, Cq, '='], answer = [value].
@@ -41,6 +46,7 @@ class IGSM(Task):
     modulus: int = 7
     share_leaf: float = 0.3
     seq_len: int | None = None
+    dense_labels: bool = False
 
     def __post_init__(self):
         diffs = tuple((int(d), int(k)) for d, k in self.difficulties)
@@ -48,6 +54,8 @@ class IGSM(Task):
         if not diffs or any(not (1 <= d <= k <= 2**d - 1) for d, k in diffs):
             raise ValueError(f"difficulties={self.difficulties!r}: must be (depth, n_ops) pairs with "
                              "1 <= depth <= n_ops <= 2**depth - 1")
+        if not isinstance(self.dense_labels, bool):
+            raise ValueError(f"dense_labels={self.dense_labels!r}: must be True or False")
         if self.modulus < 2:
             raise ValueError(f"modulus={self.modulus!r}: must be >= 2")
         if self.n_levels < 2 or self.level_width < 1:
@@ -179,6 +187,15 @@ class IGSM(Task):
     def solve(self, prompt: np.ndarray) -> np.ndarray:
         return np.array([analyse(self, prompt)[0]], np.int32)
 
+    def lm_example(self, example: Example) -> dict[str, np.ndarray]:
+        """Training row: the answer, plus with ``dense_labels`` each prefix-determined statement's value."""
+        row = self.eval_example(example)
+        if self.dense_labels:
+            for pos, value in prefix_values(self, example.prompt):
+                row["targets"][pos] = value
+                row["mask"][pos] = 1.0
+        return row
+
     def decode(self, tokens) -> str:
         out = []
         for t in (int(x) for x in tokens):
@@ -189,6 +206,25 @@ class IGSM(Task):
             else:
                 out.append(f"E{t - self.name_base}")
         return " ".join(out).replace(" ;\n ", ";\n")
+
+
+def prefix_values(task: IGSM, prompt: np.ndarray) -> list[tuple[int, int]]:
+    """(position of the closing ';', value) of every statement whose value the statements before it determine."""
+    toks = [int(t) for t in prompt]
+    known: dict[tuple[int, int], int] = {}
+    out = []
+    i = 1
+    while toks[i] != task.query_id:
+        end = toks.index(task.end_id, i + 3)
+        name, body = (toks[i], toks[i + 1]), toks[i + 3:end]
+        if len(body) == 1:
+            known[name] = body[0]
+        elif (a := known.get((body[0], body[1]))) is not None and (b := known.get((body[3], body[4]))) is not None:
+            known[name] = {"+": a + b, "-": a - b, "*": a * b}[_OPS[body[2] - task.modulus]] % task.modulus
+        if name in known:
+            out.append((end, known[name]))
+        i = end + 1
+    return out
 
 
 def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
