@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from experiments.common import experiment_parser, resolve_preset
-from experiments.grid import enable_compile_cache, paper_column, run_experiment
+from experiments.grid import enable_compile_cache, paper_column, run_experiment, training_summary
 from loopjax.data.tasks import Addition
 
 L12_GRID = ((1, 1), (1, 12), (12, 1), (2, 1), (2, 6), (3, 1), (3, 4))
@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_tasks = {n: Addition(n_terms=(n,), digits=preset["digits"]) for n in preset["n_terms"]}
     notes = (f"Task: sums of n numbers of {preset['digits']} digits, trained on a mixture of n in "
              f"{list(preset['n_terms'])}, scored per n on {preset['eval_count']} held-out examples each (exact match "
-             f"of all answer digits and EOS); {preset['steps']} steps of batch {preset['batch_size']}, d_model "
-             f"{preset['d_model']}, {preset['n_heads']} heads, FFN {preset['d_ff']}. "
+             f"of all answer digits and EOS); {training_summary(preset)}. "
              "The paper column is Saunshi et al.'s Table 1 at n = 32 (trained on n in {8, 16, 24, 32}, d_model 256, "
              "FFN 1024, L = 12: Loop 1⊗12, Base 12⊗1, Loop 2⊗6); the CPU setting has far fewer terms, a smaller "
              "model, fewer loops and few steps, so its numbers compare the models' ordering, not the paper's values.")

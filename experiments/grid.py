@@ -77,6 +77,12 @@ def run_grid(preset: dict, train_task: Task, eval_tasks: dict[Hashable, Task], *
     return results
 
 
+def training_summary(preset: dict) -> str:
+    """"N steps of batch B, d_model D, H heads, FFN F": the training budget and model width of a preset."""
+    return (f"{preset['steps']} steps of batch {preset['batch_size']}, d_model {preset['d_model']}, "
+            f"{preset['n_heads']} heads, FFN {preset['d_ff']}")
+
+
 def paper_column(archs: Sequence[tuple[int, int]], paper: dict[str, float], paper_depth: int) -> dict[str, str]:
     """Our label -> the paper's number for the same role, e.g. ``"99.9 (Loop 1⊗6)"`` for our Loop 1⊗4.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from experiments.common import experiment_parser, resolve_preset
-from experiments.grid import enable_compile_cache, run_experiment
+from experiments.grid import enable_compile_cache, run_experiment, training_summary
 from loopjax.data.tasks import IGSM
 
 PAPER_GRID = ((1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (1, 4), (1, 8))
@@ -24,14 +24,14 @@ TRAIN = dict(schedule="cosine", weight_decay=0.1, grad_clip=1.0)
 
 PRESETS = {
     "paper": dict(difficulties=((2, 2), (3, 4), (4, 6)), n_distractors=4, archs=PAPER_GRID, d_model=256, n_heads=8,
-                  d_ff=1024, exit_gate=False, batch_size=256, steps=100_000, learning_rate=1e-3, warmup_steps=2_000,
-                  eval_count=2048, seeds=(0, 1, 2), **TRAIN),
-    "cpu": dict(difficulties=((1, 1), (2, 2)), n_distractors=1, archs=CPU_GRID, d_model=64, n_heads=4,
-                d_ff=256, exit_gate=False, batch_size=32, steps=200, learning_rate=3e-3, warmup_steps=20,
+                  d_ff=1024, exit_gate=False, dense_labels=False, batch_size=256, steps=100_000, learning_rate=1e-3,
+                  warmup_steps=2_000, eval_count=2048, seeds=(0, 1, 2), **TRAIN),
+    "cpu": dict(difficulties=((1, 1), (2, 2)), n_distractors=1, archs=CPU_GRID, d_model=64, n_heads=4, d_ff=256,
+                exit_gate=False, dense_labels=True, batch_size=32, steps=1000, learning_rate=3e-3, warmup_steps=50,
                 eval_count=256, seeds=(0, 1), **TRAIN),
     "smoke": dict(difficulties=((1, 1), (2, 2)), n_distractors=1, archs=((1, 1), (1, 2)), d_model=16, n_heads=2,
-                  d_ff=32, exit_gate=False, batch_size=8, steps=3, learning_rate=1e-3, warmup_steps=1,
-                  eval_count=16, seeds=(0,), **TRAIN),
+                  d_ff=32, exit_gate=False, dense_labels=True, batch_size=8, steps=3, learning_rate=1e-3,
+                  warmup_steps=1, eval_count=16, seeds=(0,), **TRAIN),
 }
 
 
@@ -40,12 +40,14 @@ def main(argv: list[str] | None = None) -> None:
     args = experiment_parser("igsm", __doc__, PRESETS).parse_args(argv)
     preset = resolve_preset(args, PRESETS)
     common = dict(n_distractors=preset["n_distractors"])
-    train_task = IGSM(difficulties=preset["difficulties"], **common)
+    train_task = IGSM(difficulties=preset["difficulties"], dense_labels=preset["dense_labels"], **common)
     eval_tasks = {d: IGSM(difficulties=(d,), **common) for d in preset["difficulties"]}
     notes = (f"Task: i-GSM-style problems mod 7 with {preset['n_distractors']} distractor parameters, trained on a "
              f"mixture of (depth, operations) in {list(preset['difficulties'])}, scored per difficulty on "
-             f"{preset['eval_count']} held-out problems each (chance ≈ 14.3%); {preset['steps']} steps of batch "
-             f"{preset['batch_size']}, d_model {preset['d_model']}, {preset['n_heads']} heads, FFN {preset['d_ff']}. "
+             f"{preset['eval_count']} held-out problems each (chance ≈ 14.3%); "
+             + ("training rows also label the value of every statement its prefix determines (`dense_labels`); "
+                if preset["dense_labels"] else "")
+             + f"{training_summary(preset)}. "
              "Saunshi et al. train Loop 1⊗{2,4,8} and Base {1,2,4,8}⊗1 on much larger i-GSM problems (the issue lists "
              "no per-model numbers for it, so there is no paper column); the CPU grid stops at 4 loops / 4 layers and "
              "uses shallow problems and few steps.")

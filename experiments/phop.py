@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from experiments.common import experiment_parser, resolve_preset
-from experiments.grid import enable_compile_cache, paper_column, run_experiment
+from experiments.grid import enable_compile_cache, paper_column, run_experiment, training_summary
 from loopjax.data.tasks import PHop
 
 L6_GRID = ((1, 1), (1, 6), (6, 1), (2, 1), (2, 3), (3, 1), (3, 2))
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
              "answer only); "
              + ("training rows label every prefix's p-hop answer as well (`dense_labels`, Sanford et al.'s "
                 "labelling; the paper's runs supervise the final answer alone); " if preset["dense_labels"] else "")
-             + f"{preset['steps']} steps of batch {preset['batch_size']}, d_model {preset['d_model']}, "
-             f"{preset['n_heads']} heads, FFN {preset['d_ff']}. "
+             + f"{training_summary(preset)}. "
              "The paper column is Saunshi et al.'s Table 1 at p = 16, n = 256, 200k steps of batch 256, d_model 128, "
              "and L = 6 (Loop 1⊗6, Base 6⊗1, Loop 2⊗3); the CPU setting is far smaller (short sequences, few hops, "
              "few steps), so its numbers compare the models' ordering, not the paper's values.")
