@@ -42,7 +42,7 @@ PRESETS = {
                   warmup_steps=2_000, beta=0.05, q_grid=Q_GRID, eval_count=2048, seeds=(0, 1, 2), **TRAIN),
     # p-hop with final-answer labels stayed near chance after 1000-1500 steps on a CPU; dense labels make it learnable.
     "cpu": dict(task="phop", alphabet=4, n=16, difficulties=(1, 2), dense_labels=True, k=1, n_loops=4, d_model=64,
-                n_heads=4, d_ff=256, batch_size=32, steps=1500, learning_rate=3e-3, warmup_steps=100, beta=0.02,
+                n_heads=4, d_ff=256, batch_size=32, steps=4000, learning_rate=3e-3, warmup_steps=100, beta=0.02,
                 q_grid=Q_GRID, eval_count=512, seeds=(0, 1), **TRAIN),
     "smoke": dict(task="phop", alphabet=4, n=8, difficulties=(1, 2), dense_labels=True, k=1, n_loops=3, d_model=16,
                   n_heads=2, d_ff=32, batch_size=8, steps=3, learning_rate=1e-3, warmup_steps=1, beta=0.02,
