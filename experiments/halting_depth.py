@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"difficulty scored on {preset['eval_count']} held-out examples.\n\n"
         "Rows `fixed=t`: every token exits at loop t (forced depth). Rows `q=…`: QExit, each token exits at the "
         "first loop whose exit CDF reaches q (at most L_max). `exit <difficulty>` is the mean exit step over the "
-        "answer tokens (the scored positions); `all` is the uniform mixture of the difficulties; FLOPs/token counts every position's "
-        "own exit step. Mean ± std over seeds "
+        "answer tokens (the scored positions); `all` is the uniform mixture of the difficulties; FLOPs/token "
+        "counts every position's own exit step. Mean ± std over seeds "
         f"{list(preset['seeds'])}.\n\nPareto frontier of the mixture (mean over seeds, accuracy vs answer exit "
         "step): " + ", ".join(f"{p.rule} ({100 * p.accuracy:.1f}% at {p.answer_loops:.2f})" for p in frontier)
         + f".\n\nPlots: [halting_depth.png](halting_depth.png) (accuracy per forced step; exit step per q), "

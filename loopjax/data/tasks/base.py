@@ -115,9 +115,18 @@ class Task(abc.ABC):
         """The scoring row: ``lm_arrays`` with the answer alone masked in."""
         return lm_arrays(example, self.length, self.pad_id)
 
+    def extra_labels(self, example: Example) -> tuple[np.ndarray, np.ndarray]:
+        """Row positions [K] and target tokens [K] supervised in training besides the answer (none by default;
+        e.g. ``PHop.dense_labels``)."""
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+
     def lm_example(self, example: Example) -> dict[str, np.ndarray]:
-        """The training row (the scoring row unless a task adds extra supervision, e.g. PHop.dense_labels)."""
-        return self.eval_example(example)
+        """The training row: the scoring row plus the ``extra_labels`` masked in."""
+        row = self.eval_example(example)
+        pos, values = self.extra_labels(example)
+        row["targets"][pos] = values
+        row["mask"][pos] = 1.0
+        return row
 
     def source(self, *, seed: int, num_examples: int = ALL_EXAMPLES) -> TaskSource:
         """A grain random-access source of ``lm_arrays`` rows (feed it to ``loopjax.data.make_pipeline``)."""

@@ -187,14 +187,13 @@ class IGSM(Task):
     def solve(self, prompt: np.ndarray) -> np.ndarray:
         return np.array([analyse(self, prompt)[0]], np.int32)
 
-    def lm_example(self, example: Example) -> dict[str, np.ndarray]:
-        """Training row: the answer, plus with ``dense_labels`` each prefix-determined statement's value."""
-        row = self.eval_example(example)
-        if self.dense_labels:
-            for pos, value in prefix_values(self, example.prompt):
-                row["targets"][pos] = value
-                row["mask"][pos] = 1.0
-        return row
+    def extra_labels(self, example: Example) -> tuple[np.ndarray, np.ndarray]:
+        """With ``dense_labels``: the value of each statement its prefix determines, at its closing ';'."""
+        labels = prefix_values(self, example.prompt) if self.dense_labels else []
+        if not labels:
+            return super().extra_labels(example)
+        pos, values = zip(*labels)
+        return np.array(pos, np.int64), np.array(values, np.int32)
 
     def decode(self, tokens) -> str:
         out = []

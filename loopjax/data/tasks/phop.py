@@ -138,16 +138,14 @@ class PHop(Task):
         prompt = np.concatenate([[self.hop_token(p)], v[1:]]).astype(np.int32)
         return Example(prompt=prompt, answer=np.array([chain[p]], np.int32), difficulty=p)
 
-    def lm_example(self, example: Example) -> dict[str, np.ndarray]:
-        """Training row: the final answer, plus with ``dense_labels`` the p-hop answer of every shorter prefix."""
-        row = self.eval_example(example)
-        if self.dense_labels:
-            p = int(example.prompt[0]) - self.alphabet
-            answers = prefix_hops(example.prompt[1:], p)[:-1]  # prefixes v_1..v_i, i < n; row position i
-            pos = np.flatnonzero(answers >= 0) + 1
-            row["targets"][pos] = answers[pos - 1]
-            row["mask"][pos] = 1.0
-        return row
+    def extra_labels(self, example: Example) -> tuple[np.ndarray, np.ndarray]:
+        """With ``dense_labels``: the p-hop answer of every shorter prefix that has one."""
+        if not self.dense_labels:
+            return super().extra_labels(example)
+        p = int(example.prompt[0]) - self.alphabet
+        answers = prefix_hops(example.prompt[1:], p)[:-1]  # prefixes v_1..v_i, i < n; row position i
+        pos = np.flatnonzero(answers >= 0) + 1
+        return pos, answers[pos - 1]
 
     def solve(self, prompt: np.ndarray) -> np.ndarray:
         p = int(prompt[0]) - self.alphabet
