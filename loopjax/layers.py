@@ -8,6 +8,8 @@ policies can keep or drop them.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,6 +17,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from loopjax.config import LoopedConfig
 
+# checkpoint_name tags of the layers' ``dense`` outputs (what the dot-saving remat policies keep).
+DENSE_OUTPUT_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out", "mlp_gate", "mlp_up", "mlp_out")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -28,6 +32,52 @@ def make_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, .
     """A normally initialised weight annotated with its logical axes."""
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value.astype(dtype(param_dtype)), logical_axes=axes)
+
+
+def _weight_grad_plain(x_MD: jax.Array, g_MF: jax.Array) -> jax.Array:
+    return jnp.einsum("md,mf->df", x_MD, g_MF, preferred_element_type=jnp.float32)
+
+
+def _weight_grad_cpu(x_MD: jax.Array, g_MF: jax.Array) -> jax.Array:
+    # XLA:CPU otherwise lays the token axis of g minor, fusing a strided transpose into the elementwise backward
+    # and running the dot outside the fast GEMM path; transposing the smaller operand explicitly keeps every
+    # copy a plain transpose and every dot in row-major [M,K] x [K,N] form.
+    if x_MD.shape[1] <= g_MF.shape[1]:
+        x_DM = jax.lax.optimization_barrier(x_MD.T)
+        return jnp.matmul(x_DM, g_MF, preferred_element_type=jnp.float32)
+    g_FM = jax.lax.optimization_barrier(g_MF.T)
+    return jnp.matmul(g_FM, x_MD, preferred_element_type=jnp.float32).T
+
+
+def dense(x_MD: jax.Array, w_DF: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """x @ w over the last axis of x (any leading shape), accumulated in float32, returned in ``out_dtype``
+    (default: x's dtype).
+
+    The same product as ``jnp.matmul``; only its backward is written out, so that on CPU the weight gradient
+    is a plain row-major GEMM (see ``_weight_grad_cpu``). Other backends use the usual contraction.
+    """
+    return _dense(x_MD, w_DF, jnp.dtype(out_dtype or x_MD.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x_MD: jax.Array, w_DF: jax.Array, out_dtype: jnp.dtype) -> jax.Array:
+    return jnp.matmul(x_MD, w_DF, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _dense_fwd(x_MD, w_DF, out_dtype):
+    return _dense(x_MD, w_DF, out_dtype), (x_MD, w_DF)
+
+
+def _dense_bwd(out_dtype, res, g_MF):
+    x_MD, w_DF = res
+    g_MF = g_MF.astype(x_MD.dtype)
+    dx_MD = jnp.matmul(g_MF, w_DF.T, preferred_element_type=jnp.float32).astype(x_MD.dtype)
+    x2, g2 = x_MD.reshape(-1, x_MD.shape[-1]), g_MF.reshape(-1, g_MF.shape[-1])
+    dw_DF = jax.lax.platform_dependent(x2, g2, cpu=_weight_grad_cpu, default=_weight_grad_plain)
+    return dx_MD, dw_DF.astype(w_DF.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -89,9 +139,14 @@ class Attention(nnx.Module):
         """q [B,S,N,H], k and v [B,S,K,H]; rotary applied to q and k."""
         cdt = self.compute_dtype
         x = x_BSD.astype(cdt)
-        q = checkpoint_name(jnp.einsum("bsd,dnh->bsnh", x, self.wq[...].astype(cdt)), "query_proj")
-        k = checkpoint_name(jnp.einsum("bsd,dkh->bskh", x, self.wk[...].astype(cdt)), "key_proj")
-        v = checkpoint_name(jnp.einsum("bsd,dkh->bskh", x, self.wv[...].astype(cdt)), "value_proj")
+        b, s, d = x.shape
+
+        def proj(w_DXH):
+            return dense(x, w_DXH.astype(cdt).reshape(d, -1)).reshape(b, s, w_DXH.shape[1], w_DXH.shape[2])
+
+        q = checkpoint_name(proj(self.wq[...]), "query_proj")
+        k = checkpoint_name(proj(self.wk[...]), "key_proj")
+        v = checkpoint_name(proj(self.wv[...]), "value_proj")
         return apply_rope(q, cos_BSh, sin_BSh), apply_rope(k, cos_BSh, sin_BSh), v
 
     def probs(self, q_BSNH: jax.Array, k_BTKH: jax.Array, mask_BST: jax.Array) -> jax.Array:
@@ -110,7 +165,7 @@ class Attention(nnx.Module):
         b, s, n, h = q_BSNH.shape
         probs = self.probs(q_BSNH, k_BTKH, mask_BST).astype(v_BTKH.dtype)
         out = jnp.einsum("bkgst,btkh->bskgh", probs, v_BTKH).reshape(b, s, n, h)
-        out = jnp.einsum("bsnh,nhd->bsd", out, self.wo[...].astype(out.dtype))
+        out = dense(out.reshape(b, s, n * h), self.wo[...].astype(out.dtype).reshape(n * h, -1))
         return checkpoint_name(out, "attn_out")
 
     def __call__(self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array) -> jax.Array:
@@ -131,9 +186,9 @@ class MLP(nnx.Module):
     def __call__(self, x_BSD: jax.Array) -> jax.Array:
         cdt = self.compute_dtype
         x = x_BSD.astype(cdt)
-        gate = checkpoint_name(x @ self.w_gate[...].astype(cdt), "mlp_gate")
-        up = checkpoint_name(x @ self.w_up[...].astype(cdt), "mlp_up")
-        return checkpoint_name((jax.nn.silu(gate) * up) @ self.w_down[...].astype(cdt), "mlp_out")
+        gate = checkpoint_name(dense(x, self.w_gate[...].astype(cdt)), "mlp_gate")
+        up = checkpoint_name(dense(x, self.w_up[...].astype(cdt)), "mlp_up")
+        return checkpoint_name(dense(jax.nn.silu(gate) * up, self.w_down[...].astype(cdt)), "mlp_out")
 
 
 class DecoderLayer(nnx.Module):

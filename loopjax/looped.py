@@ -16,15 +16,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from loopjax.config import LoopedConfig
-from loopjax.layers import DecoderLayer, RMSNorm, dtype, make_param
+from loopjax.layers import DENSE_OUTPUT_NAMES, DecoderLayer, RMSNorm, dense, dtype, make_param
 from loopjax.partitioning import ACTIVATION_BSD, with_logical_constraint
 
 _CKPT = jax.checkpoint_policies
+# The layers' projections run through ``dense`` (a custom_vjp, invisible to the dot-based policies), so the
+# dot policies also save them by their checkpoint names.
+_SAVE_DENSE = _CKPT.save_only_these_names(*DENSE_OUTPUT_NAMES)
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": _CKPT.nothing_saveable,
-    "save_dots": _CKPT.checkpoint_dots,
-    "minimal": _CKPT.dots_with_no_batch_dims_saveable,
+    "save_dots": _CKPT.save_from_both_policies(_CKPT.checkpoint_dots, _SAVE_DENSE),
+    "minimal": _CKPT.save_from_both_policies(_CKPT.dots_with_no_batch_dims_saveable, _SAVE_DENSE),
     "save_qkv": _CKPT.save_only_these_names("query_proj", "key_proj", "value_proj"),
 }
 
@@ -88,7 +91,7 @@ class LoopedCore(nnx.Module):
             return h_BSD + e_BSD
         if self.cfg.input_injection == "concat":
             he = jnp.concatenate([h_BSD, e_BSD], axis=-1)
-            return (he @ self.adapter[...].astype(he.dtype)).astype(h_BSD.dtype)
+            return dense(he, self.adapter[...].astype(he.dtype)).astype(h_BSD.dtype)
         return h_BSD
 
     def step(self, h_BSD: jax.Array, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,

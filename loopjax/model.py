@@ -11,9 +11,9 @@ from flax import nnx
 from loopjax.config import LoopedConfig
 from loopjax import halting
 from loopjax.halting import exit_distribution
-from loopjax.layers import DecoderLayer, RMSNorm, attention_mask, dtype, make_param, rope_cos_sin
+from loopjax.layers import DecoderLayer, RMSNorm, attention_mask, dense, dtype, make_param, rope_cos_sin
 from loopjax.looped import LoopedCore, remat
-from loopjax.partitioning import ACTIVATION_BSD, LOGITS_BSV, with_logical_constraint
+from loopjax.partitioning import ACTIVATION_BSD, LOGITS_BSV, LOGITS_TBSV, with_logical_constraint
 
 
 @jax.tree_util.register_dataclass
@@ -70,16 +70,24 @@ class LoopedLM(nnx.Module):
     def head(self, x_BSD: jax.Array) -> jax.Array:
         """LM head (tied or not): float32 logits [..., V]."""
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", x_BSD, w.astype(x_BSD.dtype), preferred_element_type=jnp.float32)
+        return dense(x_BSD, w.astype(x_BSD.dtype), jnp.float32)
 
     def readout(self, out_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array) -> jax.Array:
         """Logits from a loop's read-out state: coda layers and their norm when present, then the head."""
-        x = out_BSD
+        return with_logical_constraint(self.head(self._coda(out_BSD, cos_BSh, sin_BSh, mask_BSS)), LOGITS_BSV)
+
+    def step_readout(self, out_TBSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
+                     mask_BSS: jax.Array) -> jax.Array:
+        """``readout`` of every loop's state, [T, B, S, V]; the head runs as one matmul over all T loops."""
+        x = out_TBSD
+        if self.coda or self.coda_norm is not None:
+            x = jax.vmap(lambda o: self._coda(o, cos_BSh, sin_BSh, mask_BSS))(x)
+        return with_logical_constraint(self.head(x), LOGITS_TBSV)
+
+    def _coda(self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array) -> jax.Array:
         for layer in self.coda:
-            x = layer(x, cos_BSh, sin_BSh, mask_BSS)
-        if self.coda_norm is not None:
-            x = self.coda_norm(x)
-        return with_logical_constraint(self.head(x), LOGITS_BSV)
+            x_BSD = layer(x_BSD, cos_BSh, sin_BSh, mask_BSS)
+        return x_BSD if self.coda_norm is None else self.coda_norm(x_BSD)
 
     def rope_and_mask(self, positions_BS: jax.Array, attention_mask_BS: jax.Array | None):
         """Rotary tables (computed once per forward, shared by every loop) and the [B, S, S] visibility mask."""
@@ -140,7 +148,7 @@ class LoopedLM(nnx.Module):
         logits = self.readout(core.out_BSD, cos, sin, mask)
         step_logits = None
         if return_steps:
-            step_logits = jax.vmap(lambda o: self.readout(o, cos, sin, mask))(core.step_out_TBSD)
+            step_logits = self.step_readout(core.step_out_TBSD, cos, sin, mask)
         gate_BST = exit_pdf = None
         if core.gate_TBS is not None:
             gate_BST = jnp.moveaxis(core.gate_TBS, 0, -1)
@@ -169,7 +177,7 @@ class LoopedLM(nnx.Module):
                                         record_steps=return_steps)
         step_logits = None
         if res.step_out_TBSD is not None:
-            step_logits = jax.vmap(lambda o: self.readout(o, cos_BSh, sin_BSh, mask_BSS))(res.step_out_TBSD)
+            step_logits = self.step_readout(res.step_out_TBSD, cos_BSh, sin_BSh, mask_BSS)
         return LoopedOutput(logits=self.readout(res.out_BSD, cos_BSh, sin_BSh, mask_BSS), hidden=res.out_BSD,
                             step_logits=step_logits, step_hidden=res.step_out_TBSD, gate_logits=res.gate_BST,
                             exit_pdf=None if res.gate_BST is None else exit_distribution(res.gate_BST),

@@ -23,6 +23,7 @@ AxisNames = tuple[str | None, ...]
 
 ACTIVATION_BSD: AxisNames = ("activation_batch", "activation_length", "activation_embed")
 LOGITS_BSV: AxisNames = ("activation_batch", "activation_length", "activation_vocab")
+LOGITS_TBSV: AxisNames = (None, *LOGITS_BSV)  # per-loop logits: the loop axis is never sharded
 
 
 @dataclasses.dataclass(frozen=True)

@@ -139,3 +139,36 @@ def test_padding_mask_hides_keys_and_never_gives_nan():
     out2 = attn(x.at[:, :2].set(7.0), cos, sin, layers.attention_mask(pos, pos, valid))
     assert np.isfinite(np.asarray(out)).all()
     np.testing.assert_allclose(out[:, 2:], out2[:, 2:], atol=1e-6)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(24, 40), (40, 24)])  # both weight-gradient branches of the CPU path
+def test_dense_value_and_grads_match_float64_numpy(d_in, d_out):
+    kx, kw, kg = jax.random.split(jax.random.key(11), 3)
+    x = jax.random.normal(kx, (3, 5, d_in))
+    w = jax.random.normal(kw, (d_in, d_out)) / d_in ** 0.5
+    cot = jax.random.normal(kg, (3, 5, d_out))
+    y, vjp = jax.vjp(layers.dense, x, w)
+    dx, dw = vjp(cot)
+    x64, w64, c64 = (np.asarray(a, np.float64) for a in (x, w, cot))
+    np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, c64 @ w64.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("bsd,bsf->df", x64, c64), rtol=1e-5, atol=1e-5)
+    # the default (non-CPU) backward contraction gives the same weight gradient
+    plain = layers._weight_grad_plain(x.reshape(-1, d_in), cot.reshape(-1, d_out))
+    np.testing.assert_allclose(plain, np.einsum("bsd,bsf->df", x64, c64), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_out_dtype_and_low_precision_grads():
+    kx, kw = jax.random.split(jax.random.key(12))
+    x = jax.random.normal(kx, (4, 16), jnp.bfloat16)
+    w = jax.random.normal(kw, (16, 8), jnp.bfloat16)
+    assert layers.dense(x, w).dtype == jnp.bfloat16
+    y = layers.dense(x, w, jnp.float32)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ np.asarray(w, np.float64), rtol=1e-5, atol=1e-5)
+    dx, dw = jax.grad(lambda a, b: jnp.sum(jnp.sin(layers.dense(a, b, jnp.float32))), (0, 1))(x, w)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    rx, rw = jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.matmul(a, b, preferred_element_type=jnp.float32))),
+                      (0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(rx, np.float32), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(rw, np.float32), rtol=2e-2, atol=2e-2)
