@@ -2,7 +2,8 @@
 
 Shapes: B batch, S query positions, T key positions, D d_model, N query heads, K kv heads, G = N // K query
 heads per kv head, H head dim, F d_ff. Every parameter carries ``logical_axes`` metadata that
-``sharding.py`` maps onto mesh axes. Matmul outputs are tagged with ``checkpoint_name`` so named remat
+``sharding.py`` maps onto mesh axes. Weight matmuls go through ``dense`` (its derivative written out so the
+CPU weight gradient stays a plain GEMM); their outputs are tagged with ``checkpoint_name`` so named remat
 policies can keep or drop them.
 """
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 
 from loopjax.config import LoopedConfig
 
@@ -34,50 +36,60 @@ def make_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, .
     return nnx.Param(value.astype(dtype(param_dtype)), logical_axes=axes)
 
 
-def _weight_grad_plain(x_MD: jax.Array, g_MF: jax.Array) -> jax.Array:
-    return jnp.einsum("md,mf->df", x_MD, g_MF, preferred_element_type=jnp.float32)
-
-
-def _weight_grad_cpu(x_MD: jax.Array, g_MF: jax.Array) -> jax.Array:
-    # XLA:CPU otherwise lays the token axis of g minor, fusing a strided transpose into the elementwise backward
-    # and running the dot outside the fast GEMM path; transposing the smaller operand explicitly keeps every
-    # copy a plain transpose and every dot in row-major [M,K] x [K,N] form.
-    if x_MD.shape[1] <= g_MF.shape[1]:
-        x_DM = jax.lax.optimization_barrier(x_MD.T)
-        return jnp.matmul(x_DM, g_MF, preferred_element_type=jnp.float32)
-    g_FM = jax.lax.optimization_barrier(g_MF.T)
-    return jnp.matmul(g_FM, x_MD, preferred_element_type=jnp.float32).T
-
-
 def dense(x_MD: jax.Array, w_DF: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
     """x @ w over the last axis of x (any leading shape), accumulated in float32, returned in ``out_dtype``
     (default: x's dtype).
 
-    The same product as ``jnp.matmul``; only its backward is written out, so that on CPU the weight gradient
-    is a plain row-major GEMM (see ``_weight_grad_cpu``). Other backends use the usual contraction.
+    The same product as ``jnp.matmul``, with its derivative written out (forward and reverse mode) so that on
+    CPU the weight gradient is a plain row-major GEMM; see ``_tangent_from_weight``.
     """
     return _dense(x_MD, w_DF, jnp.dtype(out_dtype or x_MD.dtype))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _dense(x_MD: jax.Array, w_DF: jax.Array, out_dtype: jnp.dtype) -> jax.Array:
     return jnp.matmul(x_MD, w_DF, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _dense_fwd(x_MD, w_DF, out_dtype):
-    return _dense(x_MD, w_DF, out_dtype), (x_MD, w_DF)
+def _tangent_from_weight(x_MD: jax.Array, dw_DF: jax.Array) -> jax.Array:
+    """x @ dw, the part of the tangent that is linear in the weight; reverse mode transposes it into the weight
+    gradient x^T @ g."""
+
+    def plain(x, dw):
+        return jnp.matmul(x, dw, preferred_element_type=jnp.float32)
+
+    def cpu(x, dw):
+        # Left to itself XLA:CPU lays the token axis of g minor for x^T @ g: a strided transpose of g fused into
+        # the elementwise backward, then a dot off the fast GEMM path. Here the smaller of x and g is transposed
+        # on its own (the barrier keeps that a plain transpose), so the transposed product is a row-major GEMM:
+        # x^T @ g as [D, M] x [M, F], or (g^T @ x)^T as [F, M] x [M, D].
+        lead, d, f = x.shape[:-1], x.shape[-1], dw.shape[-1]
+        x_MD = x.reshape(-1, d)
+        if d <= f:
+            x_DM = jax.lax.optimization_barrier(x_MD.T)
+            t_MF = jnp.einsum("dm,df->mf", x_DM, dw, preferred_element_type=jnp.float32)
+        else:  # reverse mode turns the barrier and transpose below into a plain transpose of g
+            v_FM = jnp.einsum("fd,md->fm", dw.T, x_MD, preferred_element_type=jnp.float32)
+            t_MF = jax.lax.optimization_barrier(v_FM).T
+        return t_MF.reshape(*lead, f)
+
+    return jax.lax.platform_dependent(x_MD, dw_DF, cpu=cpu, default=plain)
 
 
-def _dense_bwd(out_dtype, res, g_MF):
-    x_MD, w_DF = res
-    g_MF = g_MF.astype(x_MD.dtype)
-    dx_MD = jnp.matmul(g_MF, w_DF.T, preferred_element_type=jnp.float32).astype(x_MD.dtype)
-    x2, g2 = x_MD.reshape(-1, x_MD.shape[-1]), g_MF.reshape(-1, g_MF.shape[-1])
-    dw_DF = jax.lax.platform_dependent(x2, g2, cpu=_weight_grad_cpu, default=_weight_grad_plain)
-    return dx_MD, dw_DF.astype(w_DF.dtype)
+def _dense_jvp(out_dtype, primals, tangents):
+    x_MD, w_DF = primals
+    dx_MD, dw_DF = tangents
+    y = _dense(x_MD, w_DF, out_dtype)
+    parts = []
+    if not isinstance(dx_MD, SymbolicZero):
+        parts.append(jnp.matmul(dx_MD, w_DF, preferred_element_type=jnp.float32))
+    if not isinstance(dw_DF, SymbolicZero):
+        parts.append(_tangent_from_weight(x_MD, dw_DF))
+    t = sum(parts[1:], parts[0]) if parts else jnp.zeros(y.shape, jnp.float32)
+    return y, t.astype(out_dtype)
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defjvp(_dense_jvp, symbolic_zeros=True)
 
 
 class RMSNorm(nnx.Module):

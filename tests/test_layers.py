@@ -141,21 +141,28 @@ def test_padding_mask_hides_keys_and_never_gives_nan():
     np.testing.assert_allclose(out[:, 2:], out2[:, 2:], atol=1e-6)
 
 
-@pytest.mark.parametrize("d_in,d_out", [(24, 40), (40, 24)])  # both weight-gradient branches of the CPU path
-def test_dense_value_and_grads_match_float64_numpy(d_in, d_out):
-    kx, kw, kg = jax.random.split(jax.random.key(11), 3)
+@pytest.mark.parametrize("d_in,d_out", [(24, 40), (40, 24)])
+def test_dense_value_and_derivatives_match_float64_numpy(d_in, d_out):
+    kx, kw, kg, kt, ku = jax.random.split(jax.random.key(11), 5)
     x = jax.random.normal(kx, (3, 5, d_in))
     w = jax.random.normal(kw, (d_in, d_out)) / d_in ** 0.5
     cot = jax.random.normal(kg, (3, 5, d_out))
+    tx, tw = jax.random.normal(kt, x.shape), jax.random.normal(ku, w.shape)
+    x64, w64, c64, tx64, tw64 = (np.asarray(a, np.float64) for a in (x, w, cot, tx, tw))
     y, vjp = jax.vjp(layers.dense, x, w)
     dx, dw = vjp(cot)
-    x64, w64, c64 = (np.asarray(a, np.float64) for a in (x, w, cot))
     np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, c64 @ w64.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, np.einsum("bsd,bsf->df", x64, c64), rtol=1e-5, atol=1e-5)
-    # the default (non-CPU) backward contraction gives the same weight gradient
-    plain = layers._weight_grad_plain(x.reshape(-1, d_in), cot.reshape(-1, d_out))
-    np.testing.assert_allclose(plain, np.einsum("bsd,bsf->df", x64, c64), rtol=1e-5, atol=1e-5)
+    # forward mode (the analysis tools' Jacobian-vector products), with and without a weight tangent
+    _, t = jax.jvp(layers.dense, (x, w), (tx, tw))
+    np.testing.assert_allclose(t, tx64 @ w64 + x64 @ tw64, rtol=1e-5, atol=1e-5)
+    _, t = jax.jvp(lambda a: layers.dense(a, w), (x,), (tx,))
+    np.testing.assert_allclose(t, tx64 @ w64, rtol=1e-5, atol=1e-5)
+    # second order: d/dw of <dL/dx, v> for L = sum(sin(x @ w))
+    hv = jax.grad(lambda b: jnp.vdot(jax.grad(lambda a: jnp.sum(jnp.sin(layers.dense(a, b))))(x), tx))(w)
+    hv_ref = jax.grad(lambda b: jnp.vdot(jax.grad(lambda a: jnp.sum(jnp.sin(a @ b)))(x), tx))(w)
+    np.testing.assert_allclose(hv, hv_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_dense_out_dtype_and_low_precision_grads():
