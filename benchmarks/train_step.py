@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 import loopjax as lj
+from loopjax import halting
 
 CONFIGS = {
     "small": (dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=1024), 8, 256),
@@ -45,13 +46,13 @@ def model_config(name: str, compute_dtype: str, remat: str, seq: int) -> lj.Loop
 
 
 def expected_loss(model: lj.LoopedLM, tokens_BS: jax.Array) -> jax.Array:
-    """Ouro's objective: Σ_t p_t·CE_t − β·H(p), CE from every loop's logits."""
+    """Ouro's objective with the library's own pieces: Σ_t p_t·CE_t − β·H(p), CE from every loop's logits."""
     out = model(tokens_BS, return_steps=True)
-    logp_TBSV = jax.nn.log_softmax(out.step_logits[:, :, :-1].astype(jnp.float32))
-    ce_BST = -jnp.moveaxis(jnp.take_along_axis(logp_TBSV, tokens_BS[None, :, 1:, None], -1)[..., 0], 0, -1)
-    p_BST = out.exit_pdf[:, :-1]
-    entropy = -jnp.sum(p_BST * jnp.log(jnp.clip(p_BST, 1e-30)), -1)
-    return jnp.mean(jnp.sum(p_BST * ce_BST, -1) - ENTROPY_BETA * entropy)
+    b, s = tokens_BS.shape
+    labels_BS = jnp.roll(tokens_BS, -1, axis=1)  # next token; the last position has none and is masked out
+    mask_BS = jnp.broadcast_to(jnp.arange(s) < s - 1, (b, s))
+    ce_TBS = halting.step_cross_entropy(out.step_logits, labels_BS)
+    return halting.ouro_expected_loss(ce_TBS, out.gate_logits, mask_BS, beta=ENTROPY_BETA)
 
 
 def make_train_step(cfg: lj.LoopedConfig):
