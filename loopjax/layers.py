@@ -19,8 +19,9 @@ from jax.custom_derivatives import SymbolicZero
 
 from loopjax.config import LoopedConfig
 
-# checkpoint_name tags of the layers' ``dense`` outputs (what the dot-saving remat policies keep).
-DENSE_OUTPUT_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out", "mlp_gate", "mlp_up", "mlp_out")
+# checkpoint_name tags of the ``dense`` outputs inside the looped core (what the dot-saving remat policies keep).
+DENSE_OUTPUT_NAMES = ("query_proj", "key_proj", "value_proj", "attn_out", "mlp_gate", "mlp_up", "mlp_out",
+                      "inject_proj")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

@@ -14,14 +14,15 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from loopjax.config import LoopedConfig
 from loopjax.layers import DENSE_OUTPUT_NAMES, DecoderLayer, RMSNorm, dense, dtype, make_param
 from loopjax.partitioning import ACTIVATION_BSD, with_logical_constraint
 
 _CKPT = jax.checkpoint_policies
-# The layers' projections run through ``dense`` (a custom_vjp, invisible to the dot-based policies), so the
-# dot policies also save them by their checkpoint names.
+# The layers' projections run through ``dense`` (a custom_jvp, whose dot the dot-based policies do not see), so
+# the dot policies also save them by their checkpoint names.
 _SAVE_DENSE = _CKPT.save_only_these_names(*DENSE_OUTPUT_NAMES)
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
@@ -91,7 +92,7 @@ class LoopedCore(nnx.Module):
             return h_BSD + e_BSD
         if self.cfg.input_injection == "concat":
             he = jnp.concatenate([h_BSD, e_BSD], axis=-1)
-            return dense(he, self.adapter[...].astype(he.dtype)).astype(h_BSD.dtype)
+            return checkpoint_name(dense(he, self.adapter[...].astype(he.dtype)), "inject_proj").astype(h_BSD.dtype)
         return h_BSD
 
     def step(self, h_BSD: jax.Array, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,

@@ -80,7 +80,7 @@ class LoopedLM(nnx.Module):
                      mask_BSS: jax.Array) -> jax.Array:
         """``readout`` of every loop's state, [T, B, S, V]; the head runs as one matmul over all T loops."""
         x = out_TBSD
-        if self.coda or self.coda_norm is not None:
+        if self.coda:  # coda_norm exists only with coda layers
             x = jax.vmap(lambda o: self._coda(o, cos_BSh, sin_BSh, mask_BSS))(x)
         return with_logical_constraint(self.head(x), LOGITS_TBSV)
 
