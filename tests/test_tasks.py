@@ -101,6 +101,39 @@ def test_addition_examples_match_checker(seed, index, n, digits):
     assert len(ex.prompt) + len(ex.answer) - 1 <= task.min_seq_len
 
 
+@FAST
+@given(seed=seeds, index=st.integers(0, 10**6), n=st.integers(1, 12), digits=st.integers(1, 4))
+def test_addition_place_tokens_name_each_digit_place(seed, index, n, digits):
+    plain = Addition(n_terms=(n,), digits=digits)
+    tagged = Addition(n_terms=(n,), digits=digits, place_tokens=True)
+    ex, ex_t = plain.example(seed, index), tagged.example(seed, index)
+    width = len(str(n * (10**digits - 1)))
+    assert tagged.answer_width == width and tagged.vocab_size == 15 + 10 * (width - 1)
+    # same problem, same display; the tagged answer is zero-padded to the widest sum
+    assert tagged.decode(ex_t.prompt) == plain.decode(ex.prompt)
+    assert tagged.decode(ex_t.answer) == plain.decode(ex.answer).removesuffix("<eos>").zfill(width) + "<eos>"
+    assert tagged.check(ex_t) and ex_t.answer[-1] == EOS and ex_t.answer.max() < tagged.vocab_size
+    # every digit token names its place: units are 0..9, place p >= 1 is 15 + 10 (p - 1) + digit
+    term_tokens = ex_t.prompt[1:].reshape(n, digits + 1)[:, :digits]
+    for place, column in zip(range(digits - 1, -1, -1), term_tokens.T):
+        lo = 0 if place == 0 else 15 + 10 * (place - 1)
+        assert ((column >= lo) & (column < lo + 10)).all()
+    answer_places = [0 if t < 10 else 1 + (t - 15) // 10 for t in ex_t.answer[:-1]]
+    assert answer_places == list(range(width - 1, -1, -1))
+
+
+def test_addition_place_tokens_fixed_answer_width_and_bad_values():
+    task = Addition(n_terms=(2,), digits=3, place_tokens=True, answer_digits=5)
+    ex = task.example(0, 0)
+    assert len(ex.answer) == 6 and task.decode(ex.answer)[:1] == "0" and task.check(ex)
+    with pytest.raises(ValueError, match="answer_digits"):
+        Addition(n_terms=(4,), digits=3, answer_digits=3)  # 4 * 999 = 3996 needs 4 digits
+    with pytest.raises(ValueError, match="place_tokens"):
+        Addition(place_tokens=1)
+    with pytest.raises(ValueError, match="place"):
+        task.solve(Addition(n_terms=(2,), digits=3).example(0, 0).prompt)  # plain digits: no place tags
+
+
 def test_addition_mixture_pads_to_longest_and_masks_answer_only():
     task = Addition(n_terms=(2, 8))
     batch = task.eval_batch(seed=1, count=12)
