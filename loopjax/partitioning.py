@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AxisNames = tuple[str | None, ...]
+AxisNames = tuple[str | tuple[str, ...] | None, ...]  # per dimension; a tuple names dimensions merged, major first
 
 ACTIVATION_BSD: AxisNames = ("activation_batch", "activation_length", "activation_embed")
 LOGITS_BSV: AxisNames = ("activation_batch", "activation_length", "activation_vocab")
@@ -70,13 +70,17 @@ class LogicalRules:
 def logical_to_spec(axes: AxisNames, rules: LogicalRules, mesh: Mesh | None = None) -> PartitionSpec:
     """PartitionSpec for an array whose dimensions carry the logical names ``axes``.
 
+    A dimension named by a tuple of logical names (several dimensions merged into one, major first, e.g. a KV
+    cache's (batch, kv heads)) is sharded over all their mesh axes, in that order.
+
     Raises ValueError when a mesh axis would be used by two dimensions, or (given ``mesh``) when a rule names a
     mesh axis the mesh does not have. Mesh axes of size 1 are kept: they shard nothing but keep specs stable.
     """
     used: dict[str, str | None] = {}
     spec = []
     for name in axes:
-        mesh_axes = rules.mesh_axes(name)
+        names = name if isinstance(name, tuple) else (name,)  # a tuple: merged dimensions, major first
+        mesh_axes = tuple(ax for n in names for ax in rules.mesh_axes(n))
         for ax in mesh_axes:
             if mesh is not None and ax not in mesh.axis_names:
                 raise ValueError(f"logical axis {name!r} maps to mesh axis {ax!r}, which the mesh does not have "

@@ -11,6 +11,7 @@ from flax import nnx
 
 import loopjax as lj
 from loopjax.generate import KVCache, Sampling, decode_step, generate, prefill
+from loopjax.generate.cache import stacked
 from loopjax.generate.loop import _generate_jit
 
 _CONFIGS = {
@@ -257,7 +258,8 @@ def test_prefill_and_decode_step_drive_decoding_by_hand():
     prompt = _prompt(2, 5, seed=10)
     ref = generate(model, prompt, 4, return_logits=True)
     cache, out = prefill(model, prompt, capacity=16)
-    assert isinstance(cache, KVCache) and cache.core_k.shape == (3 * 2, 2, 2, 16, 8)  # [N, B, K, C, H]
+    assert isinstance(cache, KVCache) and len(cache.core_k) == 3 * 2
+    assert cache.core_k[0].shape == (2 * 2, 16, 8)  # N slots of [B*K, C, H]
     logits = [out.logits_BV]
     for _ in range(3):
         cache, out = decode_step(model, cache, jnp.argmax(logits[-1], -1))
@@ -269,15 +271,17 @@ def test_prefill_and_decode_step_drive_decoding_by_hand():
     pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
     cos, sin = lj.layers.rope_cos_sin(pos, 8, model.cfg.rope_theta)
     _, k, _ = layer.attn.project(layer.norm_in(model.embed_tokens(jnp.asarray(prompt))), cos, sin)
-    np.testing.assert_allclose(np.asarray(cache.core_k[0, :, :, :5]), np.asarray(k).transpose(0, 2, 1, 3), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(stacked(cache.core_k, 2)[0, :, :, :5]), np.asarray(k).transpose(0, 2, 1, 3),
+                               atol=1e-6)
 
 
 def test_last_step_cache_is_one_step_deep():
     model = _model()
     cache, _ = prefill(model, _prompt(1, 4), capacity=8, kv_mode="last_step")
     full, _ = prefill(model, _prompt(1, 4), capacity=8, kv_mode="per_step")
-    assert cache.core_k.shape[0] == 2 and full.core_k.shape[0] == 6
-    np.testing.assert_array_equal(np.asarray(cache.core_k), np.asarray(full.core_k[4:]))  # last step's slots
+    assert len(cache.core_k) == 2 and len(full.core_k) == 6
+    last = stacked(full.core_k[4:], 1)  # the per-step cache's last step
+    np.testing.assert_array_equal(np.asarray(stacked(cache.core_k, 1)), np.asarray(last))
 
 
 # ---------------------------------------------------------------- errors
@@ -369,7 +373,7 @@ def test_skipped_steps_hold_the_deepest_kv():
     np.testing.assert_array_equal(np.asarray(out.exit_step_B), 1)
     cache, out = decode_step(model, cache, jnp.argmax(out.logits_BV, -1), exit_rule=rule)
     assert int(out.n_iterations) == 1
-    k = np.asarray(cache.core_k).reshape(3, 2, 2, 2, 8, 8)  # [T, k, B, K, C, H]
+    k = np.asarray(stacked(cache.core_k, 2)).reshape(3, 2, 2, 2, 8, 8)  # [T, k, B, K, C, H]
     for t in (1, 2):
         np.testing.assert_array_equal(k[t, :, :, :, 5], k[0, :, :, :, 5])
         assert np.abs(k[t, :, :, :, :5] - k[0, :, :, :, :5]).max() > 1e-3  # prompt tokens ran every loop
@@ -392,8 +396,8 @@ def test_sharded_generation_matches_single_device():
         cache, _ = prefill(model, prompt, capacity=16)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
-    spec = cache.core_k.sharding.spec
-    assert (tuple(spec) + (None,) * 5)[:4] == (None, "data", "tensor", None), spec  # [N, B, K, C, H]
+    spec = cache.core_k[0].sharding.spec
+    assert (tuple(spec) + (None,) * 3)[:2] == (("data", "tensor"), None), spec  # one slot [B*K, C, H]
 
 
 def test_generate_text_bytes_round_trip():
@@ -423,8 +427,9 @@ def test_ouro_reference_prefill_kv_and_greedy_generation():
     ref = np.load(_OURO_DIR / "reference.npz")
     model = lj.load_ouro(str(_OURO_DIR))
     cache, _ = prefill(model, ref["input_ids"].astype(np.int32), capacity=16, kv_mode="compute_all")
-    np.testing.assert_allclose(np.asarray(cache.core_k), ref["prefill_kv_keys"], atol=1e-5)  # HF's layout
-    np.testing.assert_allclose(np.asarray(cache.core_v), ref["prefill_kv_values"], atol=1e-5)
+    b = ref["input_ids"].shape[0]
+    np.testing.assert_allclose(np.asarray(stacked(cache.core_k, b)), ref["prefill_kv_keys"], atol=1e-5)  # HF's
+    np.testing.assert_allclose(np.asarray(stacked(cache.core_v, b)), ref["prefill_kv_values"], atol=1e-5)
     prompt = ref["gen_prompt"][None].astype(np.int32)
     fixed = generate(model, prompt, 8, kv_mode="compute_all")
     np.testing.assert_array_equal(np.asarray(fixed.tokens[0]), ref["gen_fixed_tokens"])

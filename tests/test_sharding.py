@@ -158,6 +158,14 @@ def test_mesh_axis_used_twice_raises():
         logical_to_spec(("embed", "mlp"), rules)
 
 
+def test_merged_dimension_takes_every_logical_name_mesh_axes_in_order():
+    rules = LogicalRules.of(activation_batch=("data", "fsdp"), activation_kv_heads="tensor", embed="fsdp")
+    spec = logical_to_spec((("activation_batch", "activation_kv_heads"), None), rules)
+    assert spec == P(("data", "fsdp", "tensor"), None)
+    with pytest.raises(ValueError, match=r"both map to mesh axis 'fsdp'"):
+        logical_to_spec((("activation_batch", "activation_kv_heads"), "embed"), rules)
+
+
 def test_non_divisible_dimension_raises_naming_the_parameter():
     mesh = make_mesh(MeshConfig(data=1, fsdp=8, rules="fsdp"))
     cfg = CFG.replace(d_model=36, n_heads=4, head_dim=8)  # 36 % 8 != 0

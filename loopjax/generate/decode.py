@@ -9,6 +9,7 @@ computes. Shapes: B batch, S prompt length, C cache length, D d_model, V vocab, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -41,33 +42,32 @@ def _layer_chunk(layer: DecoderLayer, x_BSD, cos, sin, mask_BSS):
     return layer.mlp_residual(x_BSD), k, v
 
 
-def attend_cached(attn: Attention, q_B1NH: jax.Array, k_BKCH: jax.Array, v_BKCH: jax.Array,
+def attend_cached(attn: Attention, q_B1NH: jax.Array, k_XCH: jax.Array, v_XCH: jax.Array,
                   mask_BC: jax.Array) -> jax.Array:
-    """``Attention.attend`` for one query per row over the cache layout [B, K, C, H]: [B, 1, D].
+    """``Attention.attend`` for one query per row over a cache slot [B·K, C, H] (entries where ``mask_BC``):
+    [B, 1, D].
 
-    Same math (float32 scores, query head j = (kv head j // G, group j % G)), but every (row, kv head) reads a
-    contiguous [C, H] block and the heads come out flat [B, N*H] for the output projection, so XLA inserts no
-    transposed copies of the cache slot or of ``wo`` at every layer and loop step.
+    Same math (float32 scores, query head j = (kv head j // G, group j % G)), written as dots with (row, kv head)
+    as their one batch axis, so they read the slot as stored; the heads come out flat [B, N*H] for the output
+    projection, so XLA inserts no transposed copies of the slot or of ``wo`` at any layer or loop step.
     """
     b, _, n, h = q_B1NH.shape
-    kv = k_BKCH.shape[1]
-    q = q_B1NH.reshape(b, kv, n // kv, h)
-    scores = jnp.einsum("bkgh,bkch->bkgc", q, k_BKCH, preferred_element_type=jnp.float32) * (h ** -0.5)
-    scores = jnp.where(mask_BC[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKCH.dtype)
-    out = jnp.einsum("bkgc,bkch->bkgh", probs, v_BKCH).reshape(b, 1, n * h)
+    kv = k_XCH.shape[0] // b
+    q = q_B1NH.reshape(b * kv, n // kv, h)
+    scores = jnp.einsum("xgh,xch->xgc", q, k_XCH, preferred_element_type=jnp.float32) * (h ** -0.5)
+    scores = jnp.where(jnp.repeat(mask_BC, kv, axis=0)[:, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_XCH.dtype)
+    out = jnp.einsum("xgc,xch->xgh", probs, v_XCH).reshape(b, 1, n * h)
     return out @ attn.wo[...].reshape(n * h, -1).astype(out.dtype)
 
 
-def _layer_cached(layer: DecoderLayer, x_B1D, cos, sin, mask_BC, ck, cv, read_slot, write):
-    """A decoder layer for one new token per row: ``write(ck, cv, k, v)`` stores its KV, then it attends to slot
-    ``read_slot`` of the cache."""
+def _layer_cached(layer: DecoderLayer, x_B1D, cos, sin, mask_BC, ck_XCH, cv_XCH, index, rows_B):
+    """A decoder layer for one new token per row: stores its KV at cache ``index`` of one slot (rows where
+    ``rows_B``), then attends to that slot (entries where ``mask_BC``). Returns the new x and the updated slot."""
     q, k, v = layer.attn.project(layer.norm_in(x_B1D), cos, sin)
-    ck, cv = write(ck, cv, k, v)
-    keys = jax.lax.dynamic_index_in_dim(ck, read_slot, 0, keepdims=False)
-    values = jax.lax.dynamic_index_in_dim(cv, read_slot, 0, keepdims=False)
-    x_B1D = layer.attn_residual(x_B1D, attend_cached(layer.attn, q, keys, values, mask_BC))
-    return layer.mlp_residual(x_B1D), ck, cv
+    ck_XCH, cv_XCH = write_slot_rows(ck_XCH, index, k, rows_B), write_slot_rows(cv_XCH, index, v, rows_B)
+    x_B1D = layer.attn_residual(x_B1D, attend_cached(layer.attn, q, ck_XCH, cv_XCH, mask_BC))
+    return layer.mlp_residual(x_B1D), ck_XCH, cv_XCH
 
 
 def _head(model, x_BD: jax.Array) -> jax.Array:
@@ -107,56 +107,64 @@ def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, 
     mask_BSS = attention_mask(pos_BS, pos_BS, mask_BS, cfg.sliding_window)
 
     e = model.embed_tokens(tokens_BS)
-    pk, pv = cache.prelude_k, cache.prelude_v
+    pk, pv = list(cache.prelude_k), list(cache.prelude_v)
     for i, layer in enumerate(model.prelude):
         e, k, v = _layer_chunk(layer, e, cos, sin, mask_BSS)
-        pk, pv = write_slot(pk, i, 0, k), write_slot(pv, i, 0, v)
+        pk[i], pv[i] = write_slot(pk[i], 0, k), write_slot(pv[i], 0, v)
 
     def step(carry, t):
-        h, out_sel, open_, exit_step, gates, ck, cv = carry
+        h, out_sel, open_, exit_step, gates = carry
         x = core.inject(h, e)
-        for l, layer in enumerate(core.layers):
+        kv = []
+        for layer in core.layers:
             x, k, v = _layer_chunk(layer, x, cos, sin, mask_BSS)
-            slot = _core_slot(kv_mode, n_layers, t, l)
-            ck, cv = write_slot(ck, slot, 0, k), write_slot(cv, slot, 0, v)
+            kv.append((k, v))
         out = core.norm(x)
         new_h = out if cfg.step_norm else x
         if core.gate is not None:
             gates = gates.at[..., t].set(core.gate(out))
         fires = rule_fires(exit_rule, t, n_loops, gates, h, new_h)
         out_sel, exit_step, open_ = _select(fires, open_, out, out_sel, exit_step, t)
-        return (new_h, out_sel, open_, exit_step, gates, ck, cv), None
+        return (new_h, out_sel, open_, exit_step, gates), kv
 
     h0 = core.initial_state(e)
     carry = (h0, jnp.zeros_like(h0), jnp.ones(tokens_BS.shape, bool), jnp.zeros(tokens_BS.shape, jnp.int32),
-             jnp.zeros((*tokens_BS.shape, n_loops), jnp.float32), cache.core_k, cache.core_v)
-    (_, out_sel, _, exit_BS, _, ck, cv), _ = jax.lax.scan(step, carry, jnp.arange(n_loops))
+             jnp.zeros((*tokens_BS.shape, n_loops), jnp.float32))
+    (_, out_sel, _, exit_BS, _), kv_T = jax.lax.scan(step, carry, jnp.arange(n_loops))
+    ck, cv = list(cache.core_k), list(cache.core_v)
+    for t in range(n_loops) if kv_mode != "last_step" else (n_loops - 1,):  # last_step keeps the last step only
+        for l, (k_T, v_T) in enumerate(kv_T):
+            slot = _core_slot(kv_mode, n_layers, t, l)
+            ck[slot], cv[slot] = write_slot(ck[slot], 0, k_T[t]), write_slot(cv[slot], 0, v_T[t])
 
     x = out_sel
-    dk, dv = cache.coda_k, cache.coda_v
+    dk, dv = list(cache.coda_k), list(cache.coda_v)
     for i, layer in enumerate(model.coda):
         x, k, v = _layer_chunk(layer, x, cos, sin, mask_BSS)
-        dk, dv = write_slot(dk, i, 0, k), write_slot(dv, i, 0, v)
+        dk[i], dv[i] = write_slot(dk[i], 0, k), write_slot(dv[i], 0, v)
     x_last = x[:, -1]
     if model.coda_norm is not None:
         x_last = model.coda_norm(x_last)
     logits = model.head(x_last)
 
-    cache = KVCache(core_k=ck, core_v=cv, prelude_k=pk, prelude_v=pv, coda_k=dk, coda_v=dv,
-                    positions_BC=jax.lax.dynamic_update_slice(cache.positions_BC, pos_BS, (0, 0)),
+    cache = KVCache(core_k=tuple(ck), core_v=tuple(cv), prelude_k=tuple(pk), prelude_v=tuple(pv), coda_k=tuple(dk),
+                    coda_v=tuple(dv), positions_BC=jax.lax.dynamic_update_slice(cache.positions_BC, pos_BS, (0, 0)),
                     valid_BC=jax.lax.dynamic_update_slice(cache.valid_BC, mask_BS, (0, 0)),
                     next_pos_B=pos_BS[:, -1] + 1, length=jnp.asarray(s, jnp.int32))
-    return constrain(cache), StepOutput(logits_BV=logits, exit_step_B=exit_BS[:, -1], n_iterations=jnp.asarray(n_loops, jnp.int32))
+    return constrain(cache), StepOutput(logits_BV=logits, exit_step_B=exit_BS[:, -1],
+                                        n_iterations=jnp.asarray(n_loops, jnp.int32))
 
 
 def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *, n_loops: int, kv_mode: str,
                 exit_rule: Any) -> tuple[KVCache, StepOutput]:
     """Append one token per row at cache index ``cache.length`` and read out its logits.
 
-    live_B: rows still generating; the others are carried along without keeping the loop running.
-    Loop steps run in a ``lax.while_loop``. With an exit rule in "per_step" / "last_step" a row stops computing
-    once its rule fires and the loop ends when no live row is left (skipped steps cost nothing; the cache
-    gets the row's deepest KV for them). In "compute_all", and with no rule, every live row runs all steps.
+    live_B: rows still generating; the others write nothing to the cache (nor keep an adaptive loop running).
+    The loop steps are unrolled, so every layer attends to its own cache slot in place (a slot picked by a
+    traced step index is copied out of the cache first, at every layer and step). With an exit rule in
+    "per_step" / "last_step" each step runs under a ``lax.cond`` only while some row still runs: a row stops
+    computing once its rule fires and the steps after the last row's exit are skipped at no cost (the cache gets
+    each row's deepest KV for the steps it skipped). In "compute_all", and with no rule, every step runs.
     """
     cfg, core = model.cfg, model.core
     n_layers = cfg.n_layers
@@ -167,57 +175,61 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
     cos, sin = rope_cos_sin(pos_B1, cfg.d_head, cfg.rope_theta)
     mask_BC = attention_mask(pos_B1, positions_BC, valid_BC, cfg.sliding_window)[:, 0]
 
-    def write_all(ck, cv, k, v, slot):
-        return write_slot(ck, slot, idx, k), write_slot(cv, slot, idx, v)
-
+    b = tokens_B.shape[0]
+    every_row = jnp.ones((b,), bool)
     e = model.embed_tokens(tokens_B[:, None])
-    pk, pv = cache.prelude_k, cache.prelude_v
+    pk, pv = list(cache.prelude_k), list(cache.prelude_v)
     for i, layer in enumerate(model.prelude):
-        e, pk, pv = _layer_cached(layer, e, cos, sin, mask_BC, pk, pv, i, lambda a, b, k, v, i=i: write_all(a, b, k, v, i))
+        e, pk[i], pv[i] = _layer_cached(layer, e, cos, sin, mask_BC, pk[i], pv[i], idx, every_row)
 
     adaptive = exit_rule is not None and kv_mode != "compute_all"
 
-    def cond(carry):
-        t, open_ = carry[0], carry[3]
-        return (t < n_loops) & jnp.any(open_ if adaptive else live_B)
-
-    def body(carry):
-        t, h, out_sel, open_, exit_step, gates, ck, cv = carry
+    def loop_step(t, slots, state):
+        """Loop step t (static, so every slot is read in place) for the rows still running."""
+        h, out_sel, open_, exit_step, gates, n_iter = state
+        ck, cv = list(slots[0]), list(slots[1])
         rows = open_[:, 0] if adaptive else live_B
         x = core.inject(h, e)
         for l, layer in enumerate(core.layers):
-            slot = _core_slot(kv_mode, n_layers, t, l)
-
-            def write(a, b, k, v, slot=slot):
-                return write_slot_rows(a, slot, idx, k, rows), write_slot_rows(b, slot, idx, v, rows)
-
-            x, ck, cv = _layer_cached(layer, x, cos, sin, mask_BC, ck, cv, slot, write)
+            x, ck[l], cv[l] = _layer_cached(layer, x, cos, sin, mask_BC, ck[l], cv[l], idx, rows)
         out = core.norm(x)
         new_h = out if cfg.step_norm else x
         if core.gate is not None:
             gates = gates.at[:, :, t].set(core.gate(out))
         fires = rule_fires(exit_rule, t, n_loops, gates, h, new_h)
         out_sel, exit_step, open_ = _select(fires, open_, out, out_sel, exit_step, t)
-        return t + 1, new_h, out_sel, open_, exit_step, gates, ck, cv
+        return (tuple(ck), tuple(cv)), (new_h, out_sel, open_, exit_step, gates, n_iter + 1)
 
     h0 = core.initial_state(e)
-    b = tokens_B.shape[0]
-    carry = (jnp.asarray(0, jnp.int32), h0, jnp.zeros_like(h0), live_B[:, None], jnp.zeros((b, 1), jnp.int32),
-             jnp.zeros((b, 1, n_loops), jnp.float32), cache.core_k, cache.core_v)
-    n_iter, _, out_sel, _, exit_B1, _, ck, cv = jax.lax.while_loop(cond, body, carry)
+    state = (h0, jnp.zeros_like(h0), live_B[:, None], jnp.zeros((b, 1), jnp.int32),
+             jnp.zeros((b, 1, n_loops), jnp.float32), jnp.asarray(0, jnp.int32))
+    ck, cv = list(cache.core_k), list(cache.core_v)
+    for t in range(n_loops):
+        # adaptive: the loop stops at the first step no row runs; later steps are skipped at no cost
+        slots_t = [_core_slot(kv_mode, n_layers, t, l) for l in range(n_layers)]
+        slots = (tuple(ck[i] for i in slots_t), tuple(cv[i] for i in slots_t))
+        if adaptive:
+            slots, state = jax.lax.cond(jnp.any(state[2]), functools.partial(loop_step, t), lambda s, st: (s, st),
+                                        slots, state)
+        else:
+            slots, state = loop_step(t, slots, state)
+        for j, i in enumerate(slots_t):
+            ck[i], cv[i] = slots[0][j], slots[1][j]
+    _, out_sel, _, exit_B1, _, n_iter = state
     if adaptive and kv_mode == "per_step":
-        ck = fill_skipped_steps(ck, n_layers, idx, exit_B1[:, 0])
-        cv = fill_skipped_steps(cv, n_layers, idx, exit_B1[:, 0])
+        ck = fill_skipped_steps(tuple(ck), n_layers, idx, exit_B1[:, 0])
+        cv = fill_skipped_steps(tuple(cv), n_layers, idx, exit_B1[:, 0])
 
     x = out_sel
-    dk, dv = cache.coda_k, cache.coda_v
+    dk, dv = list(cache.coda_k), list(cache.coda_v)
     for i, layer in enumerate(model.coda):
-        x, dk, dv = _layer_cached(layer, x, cos, sin, mask_BC, dk, dv, i, lambda a, b, k, v, i=i: write_all(a, b, k, v, i))
+        x, dk[i], dv[i] = _layer_cached(layer, x, cos, sin, mask_BC, dk[i], dv[i], idx, every_row)
     x = x[:, 0]
     if model.coda_norm is not None:
         x = model.coda_norm(x)
     logits = _head(model, x)
 
-    cache = KVCache(core_k=ck, core_v=cv, prelude_k=pk, prelude_v=pv, coda_k=dk, coda_v=dv,
-                    positions_BC=positions_BC, valid_BC=valid_BC, next_pos_B=cache.next_pos_B + 1, length=idx + 1)
+    cache = KVCache(core_k=tuple(ck), core_v=tuple(cv), prelude_k=tuple(pk), prelude_v=tuple(pv),
+                    coda_k=tuple(dk), coda_v=tuple(dv), positions_BC=positions_BC, valid_BC=valid_BC,
+                    next_pos_B=cache.next_pos_B + 1, length=idx + 1)
     return constrain(cache), StepOutput(logits_BV=logits, exit_step_B=exit_B1[:, 0], n_iterations=n_iter)
