@@ -42,10 +42,10 @@ def _layer_chunk(layer: DecoderLayer, x_BSD, cos, sin, mask_BSS):
     return layer.mlp_residual(x_BSD), k, v
 
 
-def attend_cached(attn: Attention, q_B1NH: jax.Array, k_XCH: jax.Array, v_XCH: jax.Array,
-                  mask_BC: jax.Array) -> jax.Array:
+def attend_cached(attn: Attention, q_B1NH: jax.Array, k_XCH: jax.Array, v_XCH: jax.Array, mask_BC: jax.Array,
+                  own_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """``Attention.attend`` for one query per row over a cache slot [B·K, C, H] (entries where ``mask_BC``):
-    [B, 1, D].
+    [B, 1, D]. ``own_kv``: the new token's key and value [B, 1, K, H] when the slot does not hold them yet.
 
     Same math (float32 scores, query head j = (kv head j // G, group j % G)), written as dots with (row, kv head)
     as their one batch axis, so they read the slot as stored; the heads come out flat [B, N*H] for the output
@@ -56,9 +56,15 @@ def attend_cached(attn: Attention, q_B1NH: jax.Array, k_XCH: jax.Array, v_XCH: j
     q = q_B1NH.reshape(b * kv, n // kv, h)
     scores = jnp.einsum("xgh,xch->xgc", q, k_XCH, preferred_element_type=jnp.float32) * (h ** -0.5)
     scores = jnp.where(jnp.repeat(mask_BC, kv, axis=0)[:, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_XCH.dtype)
-    out = jnp.einsum("xgc,xch->xgh", probs, v_XCH).reshape(b, 1, n * h)
-    return out @ attn.wo[...].reshape(n * h, -1).astype(out.dtype)
+    if own_kv is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_XCH.dtype)
+        out = jnp.einsum("xgc,xch->xgh", probs, v_XCH)
+    else:
+        k_X1H, v_X1H = (a.reshape(b * kv, 1, h) for a in own_kv)
+        own = jnp.einsum("xgh,xch->xgc", q, k_X1H, preferred_element_type=jnp.float32) * (h ** -0.5)
+        probs = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1).astype(v_XCH.dtype)
+        out = jnp.einsum("xgc,xch->xgh", probs[..., :-1], v_XCH) + probs[..., -1:] * v_X1H.astype(v_XCH.dtype)
+    return out.reshape(b, 1, n * h) @ attn.wo[...].reshape(n * h, -1).astype(out.dtype)
 
 
 def _layer_cached(layer: DecoderLayer, x_B1D, cos, sin, mask_BC, ck_XCH, cv_XCH, index, rows_B):
@@ -185,36 +191,55 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
     adaptive = exit_rule is not None and kv_mode != "compute_all"
 
     def loop_step(t, slots, state):
-        """Loop step t (static, so every slot is read in place) for the rows still running."""
+        """Loop step t (static, so every slot is read in place) for the rows still running. Writes the new KV
+        into the slots and attends to them (fixed loops), or, with ``slots`` None (adaptive, under a cond),
+        attends to the cached entries plus its own KV and returns that KV for writing after the cond: reading
+        the cond's operands and writing its results keeps the slots in place."""
         h, out_sel, open_, exit_step, gates, n_iter = state
-        ck, cv = list(slots[0]), list(slots[1])
         rows = open_[:, 0] if adaptive else live_B
         x = core.inject(h, e)
+        new_kv = []
         for l, layer in enumerate(core.layers):
-            x, ck[l], cv[l] = _layer_cached(layer, x, cos, sin, mask_BC, ck[l], cv[l], idx, rows)
+            if slots is None:
+                q, k, v = layer.attn.project(layer.norm_in(x), cos, sin)
+                x = layer.attn_residual(x, attend_cached(layer.attn, q, ck[slots_t[l]], cv[slots_t[l]],
+                                                         mask_cached_BC, (k, v)))
+                x = layer.mlp_residual(x)
+                new_kv.append((k, v))
+            else:
+                x, k_, v_ = _layer_cached(layer, x, cos, sin, mask_BC, slots[0][l], slots[1][l], idx, rows)
+                new_kv.append((k_, v_))
         out = core.norm(x)
         new_h = out if cfg.step_norm else x
         if core.gate is not None:
             gates = gates.at[:, :, t].set(core.gate(out))
         fires = rule_fires(exit_rule, t, n_loops, gates, h, new_h)
         out_sel, exit_step, open_ = _select(fires, open_, out, out_sel, exit_step, t)
-        return (tuple(ck), tuple(cv)), (new_h, out_sel, open_, exit_step, gates, n_iter + 1)
+        return tuple(new_kv), (new_h, out_sel, open_, exit_step, gates, n_iter + 1)
 
     h0 = core.initial_state(e)
     state = (h0, jnp.zeros_like(h0), live_B[:, None], jnp.zeros((b, 1), jnp.int32),
              jnp.zeros((b, 1, n_loops), jnp.float32), jnp.asarray(0, jnp.int32))
     ck, cv = list(cache.core_k), list(cache.core_v)
+    # the entries a new token sees before its own (adaptive steps attend to these plus the token's own KV)
+    mask_cached_BC = attention_mask(pos_B1, cache.positions_BC, cache.valid_BC, cfg.sliding_window)[:, 0]
+    kv_shape = (b, 1, cfg.kv_heads, cfg.d_head)
     for t in range(n_loops):
-        # adaptive: the loop stops at the first step no row runs; later steps are skipped at no cost
         slots_t = [_core_slot(kv_mode, n_layers, t, l) for l in range(n_layers)]
-        slots = (tuple(ck[i] for i in slots_t), tuple(cv[i] for i in slots_t))
         if adaptive:
-            slots, state = jax.lax.cond(jnp.any(state[2]), functools.partial(loop_step, t), lambda s, st: (s, st),
-                                        slots, state)
+            # the loop stops at the first step no row runs; later steps are skipped at no cost
+            rows = state[2][:, 0]
+            skip_kv = tuple((jnp.zeros(kv_shape, ck[0].dtype),) * 2 for _ in range(n_layers))
+            new_kv, state = jax.lax.cond(jnp.any(rows), functools.partial(loop_step, t, None),
+                                         lambda st: (skip_kv, st), state)
+            for l, (k, v) in enumerate(new_kv):
+                i = slots_t[l]
+                ck[i], cv[i] = write_slot_rows(ck[i], idx, k, rows), write_slot_rows(cv[i], idx, v, rows)
         else:
-            slots, state = loop_step(t, slots, state)
-        for j, i in enumerate(slots_t):
-            ck[i], cv[i] = slots[0][j], slots[1][j]
+            slots = (tuple(ck[i] for i in slots_t), tuple(cv[i] for i in slots_t))
+            new_slots, state = loop_step(t, slots, state)
+            for l, (k_, v_) in enumerate(new_slots):
+                ck[slots_t[l]], cv[slots_t[l]] = k_, v_
     _, out_sel, _, exit_B1, _, n_iter = state
     if adaptive and kv_mode == "per_step":
         ck = fill_skipped_steps(tuple(ck), n_layers, idx, exit_B1[:, 0])
