@@ -9,7 +9,6 @@ computes. Shapes: B batch, S prompt length, C cache length, D d_model, V vocab, 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -54,14 +53,15 @@ def attend_cached(attn: Attention, q_B1NH: jax.Array, k_XCH: jax.Array, v_XCH: j
     b, _, n, h = q_B1NH.shape
     kv = k_XCH.shape[0] // b
     q = q_B1NH.reshape(b * kv, n // kv, h)
-    scores = jnp.einsum("xgh,xch->xgc", q, k_XCH, preferred_element_type=jnp.float32) * (h ** -0.5)
+    scale = h ** -0.5
+    scores = jnp.einsum("xgh,xch->xgc", q, k_XCH, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(jnp.repeat(mask_BC, kv, axis=0)[:, None, :], scores, jnp.finfo(jnp.float32).min)
     if own_kv is None:
         probs = jax.nn.softmax(scores, axis=-1).astype(v_XCH.dtype)
         out = jnp.einsum("xgc,xch->xgh", probs, v_XCH)
     else:
         k_X1H, v_X1H = (a.reshape(b * kv, 1, h) for a in own_kv)
-        own = jnp.einsum("xgh,xch->xgc", q, k_X1H, preferred_element_type=jnp.float32) * (h ** -0.5)
+        own = jnp.einsum("xgh,xch->xgc", q, k_X1H, preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1).astype(v_XCH.dtype)
         out = jnp.einsum("xgc,xch->xgh", probs[..., :-1], v_XCH) + probs[..., -1:] * v_X1H.astype(v_XCH.dtype)
     return out.reshape(b, 1, n * h) @ attn.wo[...].reshape(n * h, -1).astype(out.dtype)
@@ -74,6 +74,14 @@ def _layer_cached(layer: DecoderLayer, x_B1D, cos, sin, mask_BC, ck_XCH, cv_XCH,
     ck_XCH, cv_XCH = write_slot_rows(ck_XCH, index, k, rows_B), write_slot_rows(cv_XCH, index, v, rows_B)
     x_B1D = layer.attn_residual(x_B1D, attend_cached(layer.attn, q, ck_XCH, cv_XCH, mask_BC))
     return layer.mlp_residual(x_B1D), ck_XCH, cv_XCH
+
+
+def _layer_own_kv(layer: DecoderLayer, x_B1D, cos, sin, mask_BC, ck_XCH, cv_XCH):
+    """A decoder layer for one new token per row that leaves the slot untouched: attends to the slot's entries
+    where ``mask_BC`` plus its own KV. Returns the new x and the token's k and v [B, 1, K, H] to write later."""
+    q, k, v = layer.attn.project(layer.norm_in(x_B1D), cos, sin)
+    x_B1D = layer.attn_residual(x_B1D, attend_cached(layer.attn, q, ck_XCH, cv_XCH, mask_BC, (k, v)))
+    return layer.mlp_residual(x_B1D), k, v
 
 
 def _head(model, x_BD: jax.Array) -> jax.Array:
@@ -190,56 +198,54 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
 
     adaptive = exit_rule is not None and kv_mode != "compute_all"
 
-    def loop_step(t, slots, state):
-        """Loop step t (static, so every slot is read in place) for the rows still running. Writes the new KV
-        into the slots and attends to them (fixed loops), or, with ``slots`` None (adaptive, under a cond),
-        attends to the cached entries plus its own KV and returns that KV for writing after the cond: reading
-        the cond's operands and writing its results keeps the slots in place."""
+    def run_step(t, state, layer_fn):
+        """Loop step t (static: every layer names its slot, read in place); ``layer_fn(l, layer, x)`` runs core
+        layer l and handles its cache slot."""
         h, out_sel, open_, exit_step, gates, n_iter = state
-        rows = open_[:, 0] if adaptive else live_B
         x = core.inject(h, e)
-        new_kv = []
         for l, layer in enumerate(core.layers):
-            if slots is None:
-                q, k, v = layer.attn.project(layer.norm_in(x), cos, sin)
-                x = layer.attn_residual(x, attend_cached(layer.attn, q, ck[slots_t[l]], cv[slots_t[l]],
-                                                         mask_cached_BC, (k, v)))
-                x = layer.mlp_residual(x)
-                new_kv.append((k, v))
-            else:
-                x, k_, v_ = _layer_cached(layer, x, cos, sin, mask_BC, slots[0][l], slots[1][l], idx, rows)
-                new_kv.append((k_, v_))
+            x = layer_fn(l, layer, x)
         out = core.norm(x)
         new_h = out if cfg.step_norm else x
         if core.gate is not None:
             gates = gates.at[:, :, t].set(core.gate(out))
         fires = rule_fires(exit_rule, t, n_loops, gates, h, new_h)
         out_sel, exit_step, open_ = _select(fires, open_, out, out_sel, exit_step, t)
-        return tuple(new_kv), (new_h, out_sel, open_, exit_step, gates, n_iter + 1)
+        return new_h, out_sel, open_, exit_step, gates, n_iter + 1
 
     h0 = core.initial_state(e)
     state = (h0, jnp.zeros_like(h0), live_B[:, None], jnp.zeros((b, 1), jnp.int32),
              jnp.zeros((b, 1, n_loops), jnp.float32), jnp.asarray(0, jnp.int32))
     ck, cv = list(cache.core_k), list(cache.core_v)
-    # the entries a new token sees before its own (adaptive steps attend to these plus the token's own KV)
+    # adaptive steps attend to the entries cached before this token plus its own KV (``_layer_own_kv``)
     mask_cached_BC = attention_mask(pos_B1, cache.positions_BC, cache.valid_BC, cfg.sliding_window)[:, 0]
-    kv_shape = (b, 1, cfg.kv_heads, cfg.d_head)
+    no_kv = tuple((jnp.zeros((b, 1, cfg.kv_heads, cfg.d_head), ck[0].dtype),) * 2 for _ in range(n_layers))
     for t in range(n_loops):
         slots_t = [_core_slot(kv_mode, n_layers, t, l) for l in range(n_layers)]
-        if adaptive:
-            # the loop stops at the first step no row runs; later steps are skipped at no cost
-            rows = state[2][:, 0]
-            skip_kv = tuple((jnp.zeros(kv_shape, ck[0].dtype),) * 2 for _ in range(n_layers))
-            new_kv, state = jax.lax.cond(jnp.any(rows), functools.partial(loop_step, t, None),
-                                         lambda st: (skip_kv, st), state)
-            for l, (k, v) in enumerate(new_kv):
+        if not adaptive:
+            def write_and_attend(l, layer, x, slots_t=slots_t):
                 i = slots_t[l]
-                ck[i], cv[i] = write_slot_rows(ck[i], idx, k, rows), write_slot_rows(cv[i], idx, v, rows)
-        else:
-            slots = (tuple(ck[i] for i in slots_t), tuple(cv[i] for i in slots_t))
-            new_slots, state = loop_step(t, slots, state)
-            for l, (k_, v_) in enumerate(new_slots):
-                ck[slots_t[l]], cv[slots_t[l]] = k_, v_
+                x, ck[i], cv[i] = _layer_cached(layer, x, cos, sin, mask_BC, ck[i], cv[i], idx, live_B)
+                return x
+            state = run_step(t, state, write_and_attend)
+            continue
+
+        # Under a cond that runs only while a row is left (so the loop stops at the first step no row runs).
+        # The cond reads the slots and returns the new KV, written after it: the slots stay in place.
+        def step_kv(state, t=t, slots_t=slots_t):
+            new_kv = []
+
+            def attend(l, layer, x):
+                x, k, v = _layer_own_kv(layer, x, cos, sin, mask_cached_BC, ck[slots_t[l]], cv[slots_t[l]])
+                new_kv.append((k, v))
+                return x
+            state = run_step(t, state, attend)
+            return tuple(new_kv), state
+
+        rows = state[2][:, 0]
+        new_kv, state = jax.lax.cond(jnp.any(rows), step_kv, lambda st: (no_kv, st), state)
+        for i, (k, v) in zip(slots_t, new_kv):
+            ck[i], cv[i] = write_slot_rows(ck[i], idx, k, rows), write_slot_rows(cv[i], idx, v, rows)
     _, out_sel, _, exit_B1, _, n_iter = state
     if adaptive and kv_mode == "per_step":
         ck = fill_skipped_steps(tuple(ck), n_layers, idx, exit_B1[:, 0])
