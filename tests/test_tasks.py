@@ -130,8 +130,35 @@ def test_addition_place_tokens_fixed_answer_width_and_bad_values():
         Addition(n_terms=(4,), digits=3, answer_digits=3)  # 4 * 999 = 3996 needs 4 digits
     with pytest.raises(ValueError, match="place_tokens"):
         Addition(place_tokens=1)
+    with pytest.raises(ValueError, match="dense_labels"):
+        Addition(dense_labels="yes")
     with pytest.raises(ValueError, match="place"):
         task.solve(Addition(n_terms=(2,), digits=3).example(0, 0).prompt)  # plain digits: no place tags
+
+
+@FAST
+@given(seed=seeds, index=st.integers(0, 10**6), n=st.integers(1, 10), digits=st.integers(1, 3), tagged=st.booleans())
+def test_addition_dense_labels_are_the_low_digits_of_every_prefix_sum(seed, index, n, digits, tagged):
+    task = Addition(n_terms=(n,), digits=digits, place_tokens=tagged)
+    dense = Addition(n_terms=(n,), digits=digits, place_tokens=tagged, dense_labels=True)
+    ex = dense.example(seed, index)
+    assert np.array_equal(ex.prompt, task.example(seed, index).prompt)
+    row, scoring = dense.lm_example(ex), dense.eval_example(ex)
+    for key in scoring:  # scoring rows and the plain task's training rows keep the answer alone
+        assert np.array_equal(scoring[key], task.lm_example(ex)[key])
+    terms = display(task, ex)[0].removesuffix(" =").split(" + ")
+    labelled = np.flatnonzero(row["mask"] > scoring["mask"])
+    assert len(labelled) == (n - 1) * (digits + 1)
+    for i in range(1, n):  # after term i: positions of its '+' and the next term's digits
+        window = np.arange(i * (digits + 1), (i + 1) * (digits + 1))
+        assert row["inputs"][window[0]] == 10 and np.isin(window, labelled).all()
+        want = str(sum(int(t) for t in terms[:i])).zfill(digits + 1)[-(digits + 1):]
+        assert dense.decode(row["targets"][window]) == want
+        if tagged:  # the labels name their places as the answer digits do
+            places = [0 if t < 10 else 1 + (t - 15) // 10 for t in row["targets"][window]]
+            assert places == list(range(digits, -1, -1))
+    answer = scoring["mask"] > 0
+    assert np.array_equal(row["targets"][answer], ex.answer) and row["mask"][answer].all()
 
 
 def test_addition_mixture_pads_to_longest_and_masks_answer_only():

@@ -14,6 +14,12 @@ place, so a digit's column is in its token rather than only in its position: pla
 place p >= 1 is 15 + 10·(p - 1) + digit. The answer is then zero-padded to the fixed width of the largest possible
 sum (every answer position has one place) and tagged the same way. The display form is unchanged; the digits to
 compute (column sums and their carries, most significant first) are the same.
+
+``dense_labels=True`` adds supervision to the training rows (``lm_example``; scoring rows keep the answer alone), the
+"answer of every prefix" labelling of ``PHop.dense_labels``: after term i < n, the ``digits + 1`` row positions
+whose inputs are the '+' closing term i and the digits of term i + 1 (targets otherwise unsupervised: the next
+term's digits, or the '+' / '=' after it) are labelled with the sum of terms 1..i, written as the answer is (most
+significant first, tagged with places under ``place_tokens``), its ``digits + 1`` least significant digits.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class Addition(Task):
     place_tokens: bool = False
     answer_digits: int | None = None
     seq_len: int | None = None
+    dense_labels: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "n_terms", tuple(int(n) for n in self.n_terms))
@@ -43,8 +50,9 @@ class Addition(Task):
             raise ValueError(f"n_terms={self.n_terms!r}: must be a non-empty tuple of ints >= 1")
         if not 1 <= self.digits <= 9:
             raise ValueError(f"digits={self.digits!r}: must be in [1, 9]")
-        if not isinstance(self.place_tokens, bool):
-            raise ValueError(f"place_tokens={self.place_tokens!r}: must be a bool")
+        for name in ("place_tokens", "dense_labels"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a bool")
         widest = self._widest_sum()
         if self.answer_digits is not None and not (isinstance(self.answer_digits, int) and
                                                    widest <= self.answer_digits <= 18):
@@ -95,6 +103,23 @@ class Addition(Task):
         sep_N1[-1, 0] = EQUALS
         prompt = np.concatenate([[BOS], np.concatenate([tokens_ND, sep_N1], axis=1).reshape(-1)])
         return Example(prompt=prompt.astype(np.int32), answer=self._answer(int(numbers.sum())), difficulty=n)
+
+    def extra_labels(self, example: Example) -> tuple[np.ndarray, np.ndarray]:
+        """With ``dense_labels``: the low ``digits + 1`` digits of every prefix sum (module docstring)."""
+        if not self.dense_labels:
+            return super().extra_labels(example)
+        width = self.digits + 1
+        n = (example.prompt.shape[0] - 1) // width
+        terms_ND = example.prompt[1:].reshape(n, width)[:, :-1]
+        values = np.array([int(self.decode(t)) for t in terms_ND], np.int64)
+        places_W = np.arange(width - 1, -1, -1)
+        pos, labels = [], []
+        for i, total in enumerate(np.cumsum(values)[:-1], start=1):
+            pos.append(i * width + np.arange(width))
+            labels.append(self._digit_tokens((total // 10**places_W) % 10, places_W))
+        if not pos:
+            return super().extra_labels(example)
+        return np.concatenate(pos), np.concatenate(labels).astype(np.int32)
 
     def solve(self, prompt: np.ndarray) -> np.ndarray:
         text = self.decode(prompt)
