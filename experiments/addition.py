@@ -26,7 +26,7 @@ PRESETS = {
                   d_model=256, n_heads=8, d_ff=1024, exit_gate=False, batch_size=1024, steps=200_000,
                   learning_rate=1e-3, warmup_steps=2_000, eval_count=2048, seeds=(0, 1, 2), **TRAIN),
     "cpu": dict(n_terms=(1, 2, 4, 8), digits=2, place_tokens=True, dense_labels=False, archs=L4_GRID, d_model=64,
-                n_heads=4, d_ff=256, exit_gate=False, remat_policy="none", batch_size=64, steps=1500,
+                n_heads=4, d_ff=256, exit_gate=False, batch_size=64, steps=1300,
                 learning_rate=1e-2, warmup_steps=50, eval_count=256, seeds=(0, 1), **TRAIN),
     "smoke": dict(n_terms=(2, 3), digits=2, place_tokens=True, dense_labels=True, archs=((1, 1), (1, 2)),
                   d_model=16, n_heads=2, d_ff=32, exit_gate=False, batch_size=8, steps=3, learning_rate=1e-3,
