@@ -191,7 +191,7 @@ def test_igsm_checker_on_hand_example():
 
 
 @FAST
-@given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(1, 3), data=st.data())
+@given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(0, 3), data=st.data())
 def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, index, depth, data):
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
     kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)))
@@ -219,7 +219,7 @@ def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, 
 
 
 @FAST
-@given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(1, 4), data=st.data())
+@given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(0, 4), data=st.data())
 def test_igsm_examples_match_checker_depth_and_op_count(seed, index, depth, data):
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
     task = IGSM(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 5)))
@@ -233,6 +233,8 @@ def test_igsm_examples_match_checker_depth_and_op_count(seed, index, depth, data
 def test_igsm_rejects_infeasible_difficulty_and_small_hierarchy():
     with pytest.raises(ValueError, match="difficulties"):
         IGSM(difficulties=((2, 4),))  # a depth-2 binary tree has at most 3 operations
+    with pytest.raises(ValueError, match="difficulties"):
+        IGSM(difficulties=((0, 1),))  # depth 0 is a constant: no operations
     with pytest.raises(ValueError, match="level_width"):
         IGSM(difficulties=((5, 20),), n_levels=2, level_width=3)
 

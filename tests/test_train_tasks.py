@@ -1,6 +1,9 @@
 """fit_on_task / task_accuracy / accuracy_vs_loops, and the experiments' shared results writer."""
 
+import dataclasses
 import json
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,7 @@ from loopjax.config import HaltingConfig, TrainConfig
 from loopjax.data import PHop, make_pipeline
 from loopjax.data.tasks.base import answer_correct
 from loopjax.train import Trainer
-from loopjax.train.tasks import EVAL_SEED, accuracy_vs_loops, fit_on_task, task_accuracy
+from loopjax.train.tasks import EVAL_SEED, TrainingInterrupted, accuracy_vs_loops, fit_on_task, task_accuracy
 
 TASK = PHop(alphabet=4, n=12, hops=(1, 2), seq_len=13)
 
@@ -86,6 +89,35 @@ def test_fit_on_task_is_the_trainer_on_the_task_stream_and_resumes(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     saved = json.loads((tmp_path / "run" / "checkpoints" / "config.json").read_text())
     assert saved["task"]["class"] == "PHop" and saved["task"]["hops"] == [1, 2]
+
+
+@dataclasses.dataclass(frozen=True)
+class _TermAfter(PHop):
+    """TASK's stream that sends this process one SIGTERM once ``after`` rows were read and a Python handler (the
+    Trainer's, installed by ``fit``) is in place, so the signal lands inside the training loop."""
+
+    after: int = 0
+    calls: list = dataclasses.field(default_factory=list, compare=False)
+
+    def lm_example(self, example):
+        self.calls.append(1)
+        if len(self.calls) >= self.after and callable(signal.getsignal(signal.SIGTERM)) and -1 not in self.calls:
+            self.calls.append(-1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().lm_example(example)
+
+
+def test_fit_on_task_stopped_by_sigterm_raises_and_a_rerun_resumes(tmp_path):
+    tcfg = TrainConfig(steps=300, batch_size=8, seq_len=13, warmup_steps=2, log_every=50, ckpt_every=0,
+                       log_loop_losses=False)
+    task = _TermAfter(alphabet=4, n=12, hops=(1, 2), seq_len=13, after=40)
+    with pytest.raises(TrainingInterrupted, match=f"signal {int(signal.SIGTERM)} at step .* of 300; checkpointed"):
+        fit_on_task(_cfg(), tcfg, task, workdir=tmp_path / "run", progress=False)
+    with pytest.raises(TrainingInterrupted) as info:
+        fit_on_task(_cfg(), tcfg, dataclasses.replace(task, calls=[]), progress=False)
+    assert "nothing saved" in str(info.value) and 0 < info.value.result.step < 300
+    again = fit_on_task(_cfg(), tcfg, TASK, workdir=tmp_path / "run", progress=False)  # the rest of the first run
+    assert 0 < again.resumed_from < 300 and again.step == 300
 
 
 def test_fit_on_task_rejects_mismatched_shapes():

@@ -38,7 +38,8 @@ def fit_on_task(model_cfg: LoopedConfig, train_cfg: TrainConfig, task: Task, *,
 
     ``trainer.model()`` is the trained ``LoopedLM``. With a ``workdir`` the run checkpoints there and a rerun
     resumes (or returns at once when it already reached ``train_cfg.steps``). ``eval_count`` > 0 held-out examples
-    give the Trainer an eval stream (used every ``train_cfg.eval_every`` steps).
+    give the Trainer an eval stream (used every ``train_cfg.eval_every`` steps). A run stopped by SIGTERM / SIGINT
+    raises ``TrainingInterrupted`` rather than returning a partly trained model.
     """
     if task.length != train_cfg.seq_len:
         raise ValueError(f"train_cfg.seq_len={train_cfg.seq_len}: must equal the task's row length {task.length} "
@@ -60,8 +61,20 @@ def fit_on_task(model_cfg: LoopedConfig, train_cfg: TrainConfig, task: Task, *,
               "task": {"class": type(task).__name__, **_jsonable(dataclasses.asdict(task))}}
     trainer = Trainer(model_cfg, train_cfg, train_data=iter(train), eval_data=eval_data, workdir=workdir,
                       mesh=mesh, config=config, progress=progress, tensorboard=tensorboard)
-    trainer.fit()
+    result = trainer.fit()
+    if result.status == "preempted":
+        raise TrainingInterrupted(result, train_cfg.steps, workdir)
     return trainer
+
+
+class TrainingInterrupted(RuntimeError):
+    """``fit_on_task`` stopped early on SIGTERM / SIGINT: the model is not trained to ``steps``, so it is not
+    returned (with a ``workdir`` the stopped run is checkpointed there and a rerun resumes it)."""
+
+    def __init__(self, result, steps: int, workdir):
+        self.result = result
+        saved = f"checkpointed in {workdir}: rerun to resume" if workdir is not None else "nothing saved (no workdir)"
+        super().__init__(f"training stopped by signal {result.signal} at step {result.step} of {steps}; {saved}")
 
 
 @dataclasses.dataclass(frozen=True)

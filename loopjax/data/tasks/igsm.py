@@ -6,8 +6,9 @@ Generator, for a difficulty (depth D, operations K) drawn uniformly from ``diffi
      (parent, child) pair.
   2. Dependency DAG of the query: a random binary expression tree of exactly K operations ('+', '-', '*' mod
      ``modulus``) whose longest leaf-to-root path has exactly D operations (left child depth D - 1, right child
-     any depth < D, operation budgets split uniformly among feasible splits). Leaves are constants in
-     [0, modulus), and a leaf is reused by later operands with probability ``share_leaf``, so the graph is a DAG.
+     any depth < D, operation budgets split uniformly among feasible splits; D = K = 0: the query is a constant,
+     a lookup by name). Leaves are constants in [0, modulus), and a leaf is reused by later operands with
+     probability ``share_leaf``, so the graph is a DAG.
   3. ``n_distractors`` extra parameters (constants, or operations on any earlier parameter) that the query does
      not depend on.
   4. Every node gets a distinct random edge of the hierarchy as its name; the statements are shuffled.
@@ -36,7 +37,8 @@ _OPS = "+-*"
 
 @dataclasses.dataclass(frozen=True)
 class IGSM(Task):
-    """i-GSM-style problems; ``difficulties`` is a tuple of (depth, n_ops) pairs with depth <= n_ops < 2**depth."""
+    """i-GSM-style problems; ``difficulties`` is a tuple of (depth, n_ops) pairs with depth <= n_ops < 2**depth
+    ((0, 0): the query names a constant, a lookup by name without arithmetic)."""
 
     difficulties: tuple[tuple[int, int], ...] = ((4, 6),)
     n_levels: int = 4
@@ -51,9 +53,9 @@ class IGSM(Task):
     def __post_init__(self):
         diffs = tuple((int(d), int(k)) for d, k in self.difficulties)
         object.__setattr__(self, "difficulties", diffs)
-        if not diffs or any(not (1 <= d <= k <= 2**d - 1) for d, k in diffs):
+        if not diffs or any(not (0 <= d <= k <= 2**d - 1) for d, k in diffs):
             raise ValueError(f"difficulties={self.difficulties!r}: must be (depth, n_ops) pairs with "
-                             "1 <= depth <= n_ops <= 2**depth - 1")
+                             "0 <= depth <= n_ops <= 2**depth - 1 ((0, 0): the query is a constant)")
         if not isinstance(self.dense_labels, bool):
             raise ValueError(f"dense_labels={self.dense_labels!r}: must be True or False")
         if self.modulus < 2:
