@@ -188,13 +188,21 @@ def test_igsm_checker_on_hand_example():
     assert analyse(task, np.array(prompt)) == (((5 - 6) * 5) % 7, 2, 2)  # (-5) mod 7 = 2
     # dense labels: only the statements the prefix determines (z = 5, w = 6; x and y use later definitions)
     assert prefix_values(task, np.array(prompt)) == [(14, 5), (28, 6)]
+    # the same problem with one-token names, statements in topological order: every statement is labelled
+    single = IGSM(difficulties=((2, 2),), name_tokens=1)
+    x, y, z, w = E[:4]
+    prompt = [task.bos_id, w, eq, 6, end, z, eq, 5, end, y, eq, z, sub, w, end, x, eq, y, mul, z, end,
+              task.query_id, x, eq]
+    assert analyse(single, np.array(prompt)) == (2, 2, 2)
+    assert prefix_values(single, np.array(prompt)) == [(4, 6), (8, 5), (14, 6), (20, 2)]
 
 
 @FAST
 @given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(0, 3), data=st.data())
 def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, index, depth, data):
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
-    kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)))
+    order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
+    kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)), order=order, name_tokens=w)
     task, dense = IGSM(**kw), IGSM(**kw, dense_labels=True)
     ex = dense.example(seed, index)
     assert np.array_equal(ex.prompt, task.example(seed, index).prompt)  # same stream
@@ -203,28 +211,38 @@ def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, 
     labelled = np.flatnonzero(row["mask"] > plain["mask"])
     toks = ex.prompt.tolist()
     known = set()  # names defined so far, whose values the prefix determines
-    for pos in range(len(toks) - 4):
+    for pos in range(len(toks) - w - 2):
         if toks[pos] != task.end_id:
             continue
         start = max(i for i in range(pos) if toks[i] in (task.bos_id, task.end_id)) + 1
-        name, body = tuple(toks[start:start + 2]), toks[start + 3:pos]
-        if len(body) == 1 or {tuple(body[:2]), tuple(body[3:5])} <= known:
+        name, body = tuple(toks[start:start + w]), toks[start + w + 1:pos]
+        if len(body) == 1 or {tuple(body[:w]), tuple(body[w + 1:])} <= known:
             known.add(name)
             # the independent evaluator, asked about this statement's name instead of the query
-            value = analyse(task, np.array(toks[:-3] + [*name, task.eq_id]))[0]
+            value = analyse(task, np.array(toks[:-w - 1] + [*name, task.eq_id]))[0]
             assert pos in labelled and row["targets"][pos] == value
         else:
             assert pos not in labelled
     assert len(labelled) == len(known)
+    if order == "topological":  # every statement is determined by its prefix
+        assert len(known) == toks.count(task.end_id)
 
 
 @FAST
 @given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(0, 4), data=st.data())
 def test_igsm_examples_match_checker_depth_and_op_count(seed, index, depth, data):
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
-    task = IGSM(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 5)))
+    order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
+    task = IGSM(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 5)), order=order, name_tokens=w)
     ex = task.example(seed, index)
     assert analyse(task, ex.prompt) == (int(ex.answer[0]), depth, n_ops)
+    if order == "topological":  # every operand is defined before the statement that uses it
+        defined, toks = set(), ex.prompt.tolist()
+        for start in [1] + [i + 1 for i, t in enumerate(toks) if t == task.end_id][:-1]:
+            body = toks[start + w + 1:toks.index(task.end_id, start)]
+            if len(body) > 1:
+                assert {tuple(body[:w]), tuple(body[w + 1:])} <= defined
+            defined.add(tuple(toks[start:start + w]))
     assert task.check(ex)
     assert 0 <= ex.prompt.min() and ex.prompt.max() < task.vocab_size
     assert len(ex.prompt) <= task.min_seq_len
@@ -237,6 +255,12 @@ def test_igsm_rejects_infeasible_difficulty_and_small_hierarchy():
         IGSM(difficulties=((0, 1),))  # depth 0 is a constant: no operations
     with pytest.raises(ValueError, match="level_width"):
         IGSM(difficulties=((5, 20),), n_levels=2, level_width=3)
+    with pytest.raises(ValueError, match="order"):
+        IGSM(order="sorted")
+    with pytest.raises(ValueError, match="name_tokens"):
+        IGSM(name_tokens=3)
+    with pytest.raises(ValueError, match="n_names"):
+        IGSM(difficulties=((3, 7),), name_tokens=1, n_names=16)  # up to 7 + 8 + 4 parameters
 
 
 # ---- shared layout and determinism ----------------------------------------------------------------------------------

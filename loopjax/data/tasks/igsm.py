@@ -3,7 +3,8 @@
 Generator, for a difficulty (depth D, operations K) drawn uniformly from ``difficulties``:
   1. Entity hierarchy: ``n_levels`` levels of ``level_width`` distinct entity names (drawn from ``n_names``); an
      instance parameter is an edge between adjacent levels, "each <parent> has <value> <child>", named by the
-     (parent, child) pair.
+     (parent, child) pair. ``name_tokens=1`` drops the hierarchy: every parameter is named by one distinct token
+     of the ``n_names`` (a scaled-down variant whose lookups are single-token induction).
   2. Dependency DAG of the query: a random binary expression tree of exactly K operations ('+', '-', '*' mod
      ``modulus``) whose longest leaf-to-root path has exactly D operations (left child depth D - 1, right child
      any depth < D, operation budgets split uniformly among feasible splits; D = K = 0: the query is a constant,
@@ -11,7 +12,9 @@ Generator, for a difficulty (depth D, operations K) drawn uniformly from ``diffi
      probability ``share_leaf``, so the graph is a DAG.
   3. ``n_distractors`` extra parameters (constants, or operations on any earlier parameter) that the query does
      not depend on.
-  4. Every node gets a distinct random edge of the hierarchy as its name; the statements are shuffled.
+  4. Every node gets a distinct random edge of the hierarchy as its name. ``order="shuffled"``: the statements
+     appear in a uniformly random order (an operand may be defined after its use); ``order="topological"``: every
+     operand is defined before its use (each next statement drawn uniformly among those whose operands are placed).
 The answer is the query node's value mod ``modulus``.
 
 ``dense_labels=True`` adds supervision to the training rows (``lm_example``; scoring rows keep the answer alone):
@@ -21,7 +24,8 @@ prefix" labelling that p-hop's ``dense_labels`` uses, for the parameters a causa
 
 Tokens: values 0..M-1 (M = modulus), then '+', '-', '*', '=', ';', '?', BOS, PAD, then entity names.
 A statement is [P, C, '=', v, ';'] (a constant) or [P, C, '=', Pa, Ca, op, Pb, Cb, ';'] (an operation);
-prompt = [BOS, statements..., '?', Pq, Cq, '='], answer = [value].
+prompt = [BOS, statements..., '?', Pq, Cq, '='], answer = [value]. With ``name_tokens=1`` each name [P, C] is
+one token.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class IGSM(Task):
     share_leaf: float = 0.3
     seq_len: int | None = None
     dense_labels: bool = False
+    order: str = "shuffled"
+    name_tokens: int = 2
 
     def __post_init__(self):
         diffs = tuple((int(d), int(k)) for d, k in self.difficulties)
@@ -58,18 +64,24 @@ class IGSM(Task):
                              "0 <= depth <= n_ops <= 2**depth - 1 ((0, 0): the query is a constant)")
         if not isinstance(self.dense_labels, bool):
             raise ValueError(f"dense_labels={self.dense_labels!r}: must be True or False")
+        if self.order not in ("shuffled", "topological"):
+            raise ValueError(f"order={self.order!r}: must be 'shuffled' or 'topological'")
+        if self.name_tokens not in (1, 2):
+            raise ValueError(f"name_tokens={self.name_tokens!r}: must be 1 (one token) or 2 (parent, child)")
         if self.modulus < 2:
             raise ValueError(f"modulus={self.modulus!r}: must be >= 2")
         if self.n_levels < 2 or self.level_width < 1:
             raise ValueError(f"n_levels={self.n_levels!r}, level_width={self.level_width!r}: must be >= 2 and >= 1")
-        if self.n_names < self.n_levels * self.level_width:
+        if self.name_tokens == 2 and self.n_names < self.n_levels * self.level_width:
             raise ValueError(f"n_names={self.n_names!r}: must be >= n_levels * level_width = "
                              f"{self.n_levels * self.level_width}")
         if self.n_distractors < 0:
             raise ValueError(f"n_distractors={self.n_distractors!r}: must be >= 0")
         if not 0.0 <= self.share_leaf <= 1.0:
             raise ValueError(f"share_leaf={self.share_leaf!r}: must be in [0, 1]")
-        if self._max_nodes > self._n_edges:
+        if self.name_tokens == 1 and self._max_nodes > self.n_names:
+            raise ValueError(f"n_names={self.n_names!r}: a problem may need {self._max_nodes} parameter names")
+        if self.name_tokens == 2 and self._max_nodes > self._n_edges:
             raise ValueError(f"n_levels={self.n_levels!r}, level_width={self.level_width!r}: the hierarchy has "
                              f"{self._n_edges} parameters but a problem may need {self._max_nodes}")
         self._check_seq_len()
@@ -118,8 +130,9 @@ class IGSM(Task):
 
     @property
     def min_seq_len(self) -> int:
-        k = max(k for _, k in self.difficulties)
-        return 1 + 9 * (k + self.n_distractors) + 5 * (k + 1) + 4  # inputs = prompt (answer is one token)
+        k, w = max(k for _, k in self.difficulties), self.name_tokens
+        # inputs = prompt (the answer is one token): BOS, operations, constants, query
+        return 1 + (3 * w + 3) * (k + self.n_distractors) + (w + 3) * (k + 1) + (w + 2)
 
     def sample(self, rng: np.random.Generator) -> Example:
         depth, n_ops = self.difficulties[rng.integers(len(self.difficulties))]
@@ -132,15 +145,10 @@ class IGSM(Task):
             else:
                 self._new_op(rng, nodes, int(rng.integers(len(nodes))), int(rng.integers(len(nodes))))
 
-        w = self.level_width
-        names = rng.choice(self.n_names, size=(self.n_levels, w), replace=False) + self.name_base
-        edges = rng.choice(self._n_edges, size=len(nodes), replace=False)
-        level, rest = np.divmod(edges, w * w)
-        parent, child = np.divmod(rest, w)
-        param = [(int(names[l, i]), int(names[l + 1, j])) for l, i, j in zip(level, parent, child)]
+        param = self._names(rng, len(nodes))
 
         tokens = [self.bos_id]
-        for x in rng.permutation(len(nodes)):
+        for x in self._statement_order(rng, nodes):
             node = nodes[x]
             tokens += [*param[x], self.eq_id]
             if node[0] == "leaf":
@@ -151,6 +159,30 @@ class IGSM(Task):
         tokens += [self.query_id, *param[query], self.eq_id]
         return Example(prompt=np.array(tokens, np.int32), answer=np.array([nodes[query][-1]], np.int32),
                        difficulty=(depth, n_ops))
+
+    def _names(self, rng, n: int) -> list[tuple[int, ...]]:
+        """Distinct names for ``n`` parameters: single tokens, or random (parent, child) edges of a hierarchy."""
+        if self.name_tokens == 1:
+            return [(int(t),) for t in rng.choice(self.n_names, size=n, replace=False) + self.name_base]
+        w = self.level_width
+        names = rng.choice(self.n_names, size=(self.n_levels, w), replace=False) + self.name_base
+        edges = rng.choice(self._n_edges, size=n, replace=False)
+        level, rest = np.divmod(edges, w * w)
+        parent, child = np.divmod(rest, w)
+        return [(int(names[l, i]), int(names[l + 1, j])) for l, i, j in zip(level, parent, child)]
+
+    def _statement_order(self, rng, nodes) -> list[int]:
+        if self.order == "shuffled":
+            return [int(x) for x in rng.permutation(len(nodes))]
+        out, placed = [], set()
+        remaining = list(range(len(nodes)))
+        while remaining:  # draw uniformly among the statements whose operands are already placed
+            ready = [x for x in remaining if nodes[x][0] == "leaf" or {nodes[x][2], nodes[x][3]} <= placed]
+            x = ready[int(rng.integers(len(ready)))]
+            out.append(x)
+            placed.add(x)
+            remaining.remove(x)
+        return out
 
     def _new_leaf(self, rng, nodes) -> int:
         nodes.append(("leaf", int(rng.integers(self.modulus))))
@@ -211,17 +243,17 @@ class IGSM(Task):
 
 def prefix_values(task: IGSM, prompt: np.ndarray) -> list[tuple[int, int]]:
     """(position of the closing ';', value) of every statement whose value the statements before it determine."""
-    toks = [int(t) for t in prompt]
-    known: dict[tuple[int, int], int] = {}
+    toks, w = [int(t) for t in prompt], task.name_tokens
+    known: dict[tuple[int, ...], int] = {}
     out = []
     i = 1
     while toks[i] != task.query_id:
-        end = toks.index(task.end_id, i + 3)
-        name, body = (toks[i], toks[i + 1]), toks[i + 3:end]
+        end = toks.index(task.end_id, i + w + 1)
+        name, body = tuple(toks[i:i + w]), toks[i + w + 1:end]
         if len(body) == 1:
             known[name] = body[0]
-        elif (a := known.get((body[0], body[1]))) is not None and (b := known.get((body[3], body[4]))) is not None:
-            known[name] = {"+": a + b, "-": a - b, "*": a * b}[_OPS[body[2] - task.modulus]] % task.modulus
+        elif (a := known.get(tuple(body[:w]))) is not None and (b := known.get(tuple(body[w + 1:]))) is not None:
+            known[name] = {"+": a + b, "-": a - b, "*": a * b}[_OPS[body[w] - task.modulus]] % task.modulus
         if name in known:
             out.append((end, known[name]))
         i = end + 1
@@ -230,24 +262,26 @@ def prefix_values(task: IGSM, prompt: np.ndarray) -> list[tuple[int, int]]:
 
 def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
     """(answer, depth, n_ops) of the query, recomputed by parsing the prompt and evaluating it recursively."""
-    toks = [int(t) for t in prompt]
-    if toks[0] != task.bos_id or toks[-4] != task.query_id or toks[-1] != task.eq_id:
+    toks, w = [int(t) for t in prompt], task.name_tokens
+    if toks[0] != task.bos_id or toks[-w - 2] != task.query_id or toks[-1] != task.eq_id:
         raise ValueError("not an i-GSM prompt")
-    defs: dict[tuple[int, int], tuple] = {}
+    defs: dict[tuple[int, ...], tuple] = {}
     i = 1
-    while i < len(toks) - 4:
-        name = (toks[i], toks[i + 1])
-        if toks[i + 2] != task.eq_id:
-            raise ValueError(f"expected '=' at token {i + 2}")
-        end = toks.index(task.end_id, i + 3)
-        body = toks[i + 3:end]
+    while i < len(toks) - w - 2:
+        name = tuple(toks[i:i + w])
+        if toks[i + w] != task.eq_id:
+            raise ValueError(f"expected '=' at token {i + w}")
+        end = toks.index(task.end_id, i + w + 1)
+        body = toks[i + w + 1:end]
         if len(body) == 1:
             defs[name] = ("const", body[0])
+        elif len(body) == 2 * w + 1:
+            defs[name] = (_OPS[body[w] - task.modulus], tuple(body[:w]), tuple(body[w + 1:]))
         else:
-            defs[name] = (_OPS[body[2] - task.modulus], (body[0], body[1]), (body[3], body[4]))
+            raise ValueError(f"malformed statement at token {i}")
         i = end + 1
 
-    memo: dict[tuple[int, int], tuple[int, int, frozenset]] = {}
+    memo: dict[tuple[int, ...], tuple[int, int, frozenset]] = {}
 
     def evaluate(name, stack=()):
         if name in stack:
@@ -263,5 +297,5 @@ def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
                 memo[name] = (value, 1 + max(da, db), oa | ob | {name})
         return memo[name]
 
-    value, depth, ops = evaluate((toks[-3], toks[-2]))
+    value, depth, ops = evaluate(tuple(toks[-w - 1:-1]))
     return value, depth, len(ops)
