@@ -195,6 +195,18 @@ def test_igsm_checker_on_hand_example():
               task.query_id, x, eq]
     assert analyse(single, np.array(prompt)) == (2, 2, 2)
     assert prefix_values(single, np.array(prompt)) == [(4, 6), (8, 5), (14, 6), (20, 2)]
+    assert prefix_values(single, np.array(prompt), statements=False, references=True) == [
+        (11, 5), (13, 6), (17, 6), (19, 5)]  # z and w in y = z - w; y and z in x = y * z
+    no_eq = IGSM(difficulties=((2, 2),), name_tokens=1, query_eq=False)  # the answer is read at the query's name
+    assert analyse(no_eq, np.array(prompt[:-1])) == (2, 2, 2)
+    with pytest.raises(ValueError, match="not an i-GSM prompt"):
+        analyse(no_eq, np.array(prompt))
+
+
+def _ask(task: IGSM, toks: list[int], name: tuple[int, ...]) -> np.ndarray:
+    """The prompt ``toks`` with its query replaced by the parameter ``name``."""
+    keep = len(toks) - task.name_tokens - task.query_eq
+    return np.array(toks[:keep] + [*name] + [task.eq_id] * task.query_eq)
 
 
 @FAST
@@ -202,7 +214,8 @@ def test_igsm_checker_on_hand_example():
 def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, index, depth, data):
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
     order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
-    kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)), order=order, name_tokens=w)
+    kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)), order=order, name_tokens=w,
+              query_eq=data.draw(st.booleans()))
     task, dense = IGSM(**kw), IGSM(**kw, dense_labels=True)
     ex = dense.example(seed, index)
     assert np.array_equal(ex.prompt, task.example(seed, index).prompt)  # same stream
@@ -211,7 +224,7 @@ def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, 
     labelled = np.flatnonzero(row["mask"] > plain["mask"])
     toks = ex.prompt.tolist()
     known = set()  # names defined so far, whose values the prefix determines
-    for pos in range(len(toks) - w - 2):
+    for pos in range(len(toks)):
         if toks[pos] != task.end_id:
             continue
         start = max(i for i in range(pos) if toks[i] in (task.bos_id, task.end_id)) + 1
@@ -219,7 +232,7 @@ def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, 
         if len(body) == 1 or {tuple(body[:w]), tuple(body[w + 1:])} <= known:
             known.add(name)
             # the independent evaluator, asked about this statement's name instead of the query
-            value = analyse(task, np.array(toks[:-w - 1] + [*name, task.eq_id]))[0]
+            value = analyse(task, _ask(task, toks, name))[0]
             assert pos in labelled and row["targets"][pos] == value
         else:
             assert pos not in labelled
@@ -229,11 +242,46 @@ def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, 
 
 
 @FAST
+@given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(1, 3), data=st.data())
+def test_igsm_reference_labels_are_the_values_of_prefix_determined_operands(seed, index, depth, data):
+    n_ops = data.draw(st.integers(depth, 2**depth - 1))
+    order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
+    both = data.draw(st.booleans())  # with or without the statement labels
+    kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)), order=order, name_tokens=w,
+              query_eq=data.draw(st.booleans()))
+    task, ref = IGSM(**kw, dense_labels=both), IGSM(**kw, dense_labels=both, reference_labels=True)
+    ex = ref.example(seed, index)
+    row, base = ref.lm_example(ex), task.lm_example(ex)
+    assert np.array_equal(row["mask"][base["mask"] > 0], base["mask"][base["mask"] > 0])  # earlier labels kept
+    labelled = set(np.flatnonzero(row["mask"] > base["mask"]).tolist())
+    toks, known, expected = ex.prompt.tolist(), set(), set()
+    starts = [1] + [i + 1 for i, t in enumerate(toks) if t == task.end_id][:-1]
+    for start in starts:
+        end = toks.index(task.end_id, start)
+        body = toks[start + w + 1:end]
+        if len(body) > 1:
+            for last in (start + 2 * w, end - 1):  # the last token of each operand's name
+                operand = tuple(toks[last - w + 1:last + 1])
+                if operand in known:
+                    expected.add(last)
+                    value = analyse(task, _ask(task, toks, operand))[0]
+                    assert row["targets"][last] == value
+        if len(body) == 1 or {tuple(body[:w]), tuple(body[w + 1:])} <= known:
+            known.add(tuple(toks[start:start + w]))
+    assert labelled == expected
+    if order == "topological":
+        assert len(expected) == 2 * sum(len(toks[s + w + 1:toks.index(task.end_id, s)]) > 1 for s in starts)
+    assert {k: v.tolist() for k, v in ref.eval_example(ex).items()} == \
+        {k: v.tolist() for k, v in IGSM(**kw).eval_example(ex).items()}  # scoring rows: the answer alone
+
+
+@FAST
 @given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(0, 4), data=st.data())
 def test_igsm_examples_match_checker_depth_and_op_count(seed, index, depth, data):
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
     order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
-    task = IGSM(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 5)), order=order, name_tokens=w)
+    task = IGSM(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 5)), order=order, name_tokens=w,
+                query_eq=data.draw(st.booleans()))
     ex = task.example(seed, index)
     assert analyse(task, ex.prompt) == (int(ex.answer[0]), depth, n_ops)
     if order == "topological":  # every operand is defined before the statement that uses it
@@ -257,6 +305,8 @@ def test_igsm_rejects_infeasible_difficulty_and_small_hierarchy():
         IGSM(difficulties=((5, 20),), n_levels=2, level_width=3)
     with pytest.raises(ValueError, match="order"):
         IGSM(order="sorted")
+    with pytest.raises(ValueError, match="reference_labels"):
+        IGSM(reference_labels=1)
     with pytest.raises(ValueError, match="name_tokens"):
         IGSM(name_tokens=3)
     with pytest.raises(ValueError, match="n_names"):

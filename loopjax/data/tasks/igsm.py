@@ -21,11 +21,14 @@ The answer is the query node's value mod ``modulus``.
 at the ';' closing each statement whose value is determined by the statements before it (a constant, or an
 operation whose operands are all defined earlier, recursively), the target is that value: the "answer of every
 prefix" labelling that p-hop's ``dense_labels`` uses, for the parameters a causal reader can already evaluate.
+``reference_labels=True`` also labels each operand reference (at its name's last token) with the operand's value
+when the prefix determines it: one supervised lookup per reference, the analogue of p-hop's per-position labels.
 
 Tokens: values 0..M-1 (M = modulus), then '+', '-', '*', '=', ';', '?', BOS, PAD, then entity names.
 A statement is [P, C, '=', v, ';'] (a constant) or [P, C, '=', Pa, Ca, op, Pb, Cb, ';'] (an operation);
 prompt = [BOS, statements..., '?', Pq, Cq, '='], answer = [value]. With ``name_tokens=1`` each name [P, C] is
-one token.
+one token; with ``query_eq=False`` the prompt ends at the query's name (the answer is read where the name ends, as
+``reference_labels`` read operands).
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ class IGSM(Task):
     share_leaf: float = 0.3
     seq_len: int | None = None
     dense_labels: bool = False
+    reference_labels: bool = False
     order: str = "shuffled"
     name_tokens: int = 2
+    query_eq: bool = True
 
     def __post_init__(self):
         diffs = tuple((int(d), int(k)) for d, k in self.difficulties)
@@ -62,8 +67,9 @@ class IGSM(Task):
         if not diffs or any(not (0 <= d <= k <= 2**d - 1) for d, k in diffs):
             raise ValueError(f"difficulties={self.difficulties!r}: must be (depth, n_ops) pairs with "
                              "0 <= depth <= n_ops <= 2**depth - 1 ((0, 0): the query is a constant)")
-        if not isinstance(self.dense_labels, bool):
-            raise ValueError(f"dense_labels={self.dense_labels!r}: must be True or False")
+        for field in ("dense_labels", "reference_labels", "query_eq"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field}={getattr(self, field)!r}: must be True or False")
         if self.order not in ("shuffled", "topological"):
             raise ValueError(f"order={self.order!r}: must be 'shuffled' or 'topological'")
         if self.name_tokens not in (1, 2):
@@ -132,7 +138,7 @@ class IGSM(Task):
     def min_seq_len(self) -> int:
         k, w = max(k for _, k in self.difficulties), self.name_tokens
         # inputs = prompt (the answer is one token): BOS, operations, constants, query
-        return 1 + (3 * w + 3) * (k + self.n_distractors) + (w + 3) * (k + 1) + (w + 2)
+        return 1 + (3 * w + 3) * (k + self.n_distractors) + (w + 3) * (k + 1) + (w + 1 + self.query_eq)
 
     def sample(self, rng: np.random.Generator) -> Example:
         depth, n_ops = self.difficulties[rng.integers(len(self.difficulties))]
@@ -156,7 +162,7 @@ class IGSM(Task):
             else:
                 tokens += [*param[node[2]], self.op_ids[node[1]], *param[node[3]]]
             tokens.append(self.end_id)
-        tokens += [self.query_id, *param[query], self.eq_id]
+        tokens += [self.query_id, *param[query]] + [self.eq_id] * self.query_eq
         return Example(prompt=np.array(tokens, np.int32), answer=np.array([nodes[query][-1]], np.int32),
                        difficulty=(depth, n_ops))
 
@@ -222,8 +228,9 @@ class IGSM(Task):
         return np.array([analyse(self, prompt)[0]], np.int32)
 
     def extra_labels(self, example: Example) -> tuple[np.ndarray, np.ndarray]:
-        """With ``dense_labels``: the value of each statement its prefix determines, at its closing ';'."""
-        labels = prefix_values(self, example.prompt) if self.dense_labels else []
+        """The values the prefix determines: of each statement at its ';' (``dense_labels``), of each operand at its
+        reference (``reference_labels``)."""
+        labels = prefix_values(self, example.prompt, statements=self.dense_labels, references=self.reference_labels)
         if not labels:
             return super().extra_labels(example)
         pos, values = zip(*labels)
@@ -241,8 +248,10 @@ class IGSM(Task):
         return " ".join(out).replace(" ;\n ", ";\n")
 
 
-def prefix_values(task: IGSM, prompt: np.ndarray) -> list[tuple[int, int]]:
-    """(position of the closing ';', value) of every statement whose value the statements before it determine."""
+def prefix_values(task: IGSM, prompt: np.ndarray, *, statements: bool = True,
+                  references: bool = False) -> list[tuple[int, int]]:
+    """(position, value) pairs, in position order, of what the prompt's prefix determines: with ``statements``,
+    each statement's value at its closing ';'; with ``references``, each operand's value at its name's last token."""
     toks, w = [int(t) for t in prompt], task.name_tokens
     known: dict[tuple[int, ...], int] = {}
     out = []
@@ -252,9 +261,13 @@ def prefix_values(task: IGSM, prompt: np.ndarray) -> list[tuple[int, int]]:
         name, body = tuple(toks[i:i + w]), toks[i + w + 1:end]
         if len(body) == 1:
             known[name] = body[0]
-        elif (a := known.get(tuple(body[:w]))) is not None and (b := known.get(tuple(body[w + 1:]))) is not None:
-            known[name] = {"+": a + b, "-": a - b, "*": a * b}[_OPS[body[w] - task.modulus]] % task.modulus
-        if name in known:
+        else:
+            a, b = known.get(tuple(body[:w])), known.get(tuple(body[w + 1:]))
+            if references:
+                out += [(pos, v) for pos, v in ((i + 2 * w, a), (end - 1, b)) if v is not None]
+            if a is not None and b is not None:
+                known[name] = {"+": a + b, "-": a - b, "*": a * b}[_OPS[body[w] - task.modulus]] % task.modulus
+        if statements and name in known:
             out.append((end, known[name]))
         i = end + 1
     return out
@@ -263,11 +276,12 @@ def prefix_values(task: IGSM, prompt: np.ndarray) -> list[tuple[int, int]]:
 def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
     """(answer, depth, n_ops) of the query, recomputed by parsing the prompt and evaluating it recursively."""
     toks, w = [int(t) for t in prompt], task.name_tokens
-    if toks[0] != task.bos_id or toks[-w - 2] != task.query_id or toks[-1] != task.eq_id:
+    tail = w + 1 + task.query_eq  # '?', the query's name, '=' when query_eq
+    if toks[0] != task.bos_id or toks[-tail] != task.query_id or (task.query_eq and toks[-1] != task.eq_id):
         raise ValueError("not an i-GSM prompt")
     defs: dict[tuple[int, ...], tuple] = {}
     i = 1
-    while i < len(toks) - w - 2:
+    while i < len(toks) - tail:
         name = tuple(toks[i:i + w])
         if toks[i + w] != task.eq_id:
             raise ValueError(f"expected '=' at token {i + w}")
@@ -297,5 +311,5 @@ def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
                 memo[name] = (value, 1 + max(da, db), oa | ob | {name})
         return memo[name]
 
-    value, depth, ops = evaluate(tuple(toks[-w - 1:-1]))
+    value, depth, ops = evaluate(tuple(toks[-tail + 1:len(toks) - task.query_eq]))
     return value, depth, len(ops)
