@@ -43,3 +43,17 @@ def test_grid_rows_mean_and_std_over_seeds():
     assert rows[0]["acc p=2 (%)"] == f"60.0 ± {std:.1f}"
     assert rows[0]["acc p=3 (%)"] == "25.0 ± 0.0"
     assert rows[0]["model"] == "Loop 1⊗4" and rows[0]["paper (%)"] == 99.0 and rows[0]["seeds"] == 2
+
+
+def test_igsm_format_overrides_reach_the_tasks():
+    from experiments.common import experiment_parser, resolve_preset
+    argv = ["--set", "order=topological", "--set", "name_tokens=1", "--set", "eq_tokens=False",
+            "--set", "reference_labels=True", "--set", "n_names=8"]
+    preset = resolve_preset(experiment_parser("igsm", "", igsm.PRESETS).parse_args(argv), igsm.PRESETS)
+    train, evals = igsm.make_tasks(preset)
+    for task in (train, *evals.values()):
+        assert (task.order, task.name_tokens, task.eq_tokens, task.n_names) == ("topological", 1, False, 8)
+    assert train.reference_labels and not any(t.reference_labels for t in evals.values())  # training rows only
+    assert sorted(evals) == sorted(preset["difficulties"])
+    default_train, _ = igsm.make_tasks(igsm.PRESETS["cpu"])
+    assert (default_train.order, default_train.name_tokens, default_train.eq_tokens) == ("shuffled", 2, True)

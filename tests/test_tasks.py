@@ -197,16 +197,19 @@ def test_igsm_checker_on_hand_example():
     assert prefix_values(single, np.array(prompt)) == [(4, 6), (8, 5), (14, 6), (20, 2)]
     assert prefix_values(single, np.array(prompt), statements=False, references=True) == [
         (11, 5), (13, 6), (17, 6), (19, 5)]  # z and w in y = z - w; y and z in x = y * z
-    no_eq = IGSM(difficulties=((2, 2),), name_tokens=1, query_eq=False)  # the answer is read at the query's name
-    assert analyse(no_eq, np.array(prompt[:-1])) == (2, 2, 2)
+    no_eq = IGSM(difficulties=((2, 2),), name_tokens=1, eq_tokens=False)  # no '=': the answer is read at the name
+    prompt = [t for t in prompt if t != eq]
+    assert analyse(no_eq, np.array(prompt)) == (2, 2, 2)
+    assert prefix_values(no_eq, np.array(prompt), references=True) == [
+        (3, 6), (6, 5), (8, 5), (10, 6), (11, 6), (13, 6), (15, 5), (16, 2)]
     with pytest.raises(ValueError, match="not an i-GSM prompt"):
-        analyse(no_eq, np.array(prompt))
+        analyse(no_eq, np.array(prompt + [eq]))
 
 
 def _ask(task: IGSM, toks: list[int], name: tuple[int, ...]) -> np.ndarray:
     """The prompt ``toks`` with its query replaced by the parameter ``name``."""
-    keep = len(toks) - task.name_tokens - task.query_eq
-    return np.array(toks[:keep] + [*name] + [task.eq_id] * task.query_eq)
+    keep = len(toks) - task.name_tokens - task.eq_tokens
+    return np.array(toks[:keep] + [*name] + [task.eq_id] * task.eq_tokens)
 
 
 @FAST
@@ -215,7 +218,7 @@ def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, 
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
     order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
     kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)), order=order, name_tokens=w,
-              query_eq=data.draw(st.booleans()))
+              eq_tokens=data.draw(st.booleans()))
     task, dense = IGSM(**kw), IGSM(**kw, dense_labels=True)
     ex = dense.example(seed, index)
     assert np.array_equal(ex.prompt, task.example(seed, index).prompt)  # same stream
@@ -228,7 +231,7 @@ def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, 
         if toks[pos] != task.end_id:
             continue
         start = max(i for i in range(pos) if toks[i] in (task.bos_id, task.end_id)) + 1
-        name, body = tuple(toks[start:start + w]), toks[start + w + 1:pos]
+        name, body = tuple(toks[start:start + w]), toks[start + w + task.eq_tokens:pos]
         if len(body) == 1 or {tuple(body[:w]), tuple(body[w + 1:])} <= known:
             known.add(name)
             # the independent evaluator, asked about this statement's name instead of the query
@@ -248,7 +251,7 @@ def test_igsm_reference_labels_are_the_values_of_prefix_determined_operands(seed
     order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
     both = data.draw(st.booleans())  # with or without the statement labels
     kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)), order=order, name_tokens=w,
-              query_eq=data.draw(st.booleans()))
+              eq_tokens=data.draw(st.booleans()))
     task, ref = IGSM(**kw, dense_labels=both), IGSM(**kw, dense_labels=both, reference_labels=True)
     ex = ref.example(seed, index)
     row, base = ref.lm_example(ex), task.lm_example(ex)
@@ -258,9 +261,9 @@ def test_igsm_reference_labels_are_the_values_of_prefix_determined_operands(seed
     starts = [1] + [i + 1 for i, t in enumerate(toks) if t == task.end_id][:-1]
     for start in starts:
         end = toks.index(task.end_id, start)
-        body = toks[start + w + 1:end]
+        body = toks[start + w + task.eq_tokens:end]
         if len(body) > 1:
-            for last in (start + 2 * w, end - 1):  # the last token of each operand's name
+            for last in (start + w + task.eq_tokens + w - 1, end - 1):  # the last token of each operand's name
                 operand = tuple(toks[last - w + 1:last + 1])
                 if operand in known:
                     expected.add(last)
@@ -270,7 +273,8 @@ def test_igsm_reference_labels_are_the_values_of_prefix_determined_operands(seed
             known.add(tuple(toks[start:start + w]))
     assert labelled == expected
     if order == "topological":
-        assert len(expected) == 2 * sum(len(toks[s + w + 1:toks.index(task.end_id, s)]) > 1 for s in starts)
+        assert len(expected) == 2 * sum(len(toks[s + w + task.eq_tokens:toks.index(task.end_id, s)]) > 1
+                                        for s in starts)
     assert {k: v.tolist() for k, v in ref.eval_example(ex).items()} == \
         {k: v.tolist() for k, v in IGSM(**kw).eval_example(ex).items()}  # scoring rows: the answer alone
 
@@ -281,13 +285,13 @@ def test_igsm_examples_match_checker_depth_and_op_count(seed, index, depth, data
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
     order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
     task = IGSM(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 5)), order=order, name_tokens=w,
-                query_eq=data.draw(st.booleans()))
+                eq_tokens=data.draw(st.booleans()))
     ex = task.example(seed, index)
     assert analyse(task, ex.prompt) == (int(ex.answer[0]), depth, n_ops)
     if order == "topological":  # every operand is defined before the statement that uses it
         defined, toks = set(), ex.prompt.tolist()
         for start in [1] + [i + 1 for i, t in enumerate(toks) if t == task.end_id][:-1]:
-            body = toks[start + w + 1:toks.index(task.end_id, start)]
+            body = toks[start + w + task.eq_tokens:toks.index(task.end_id, start)]
             if len(body) > 1:
                 assert {tuple(body[:w]), tuple(body[w + 1:])} <= defined
             defined.add(tuple(toks[start:start + w]))

@@ -27,8 +27,8 @@ when the prefix determines it: one supervised lookup per reference, the analogue
 Tokens: values 0..M-1 (M = modulus), then '+', '-', '*', '=', ';', '?', BOS, PAD, then entity names.
 A statement is [P, C, '=', v, ';'] (a constant) or [P, C, '=', Pa, Ca, op, Pb, Cb, ';'] (an operation);
 prompt = [BOS, statements..., '?', Pq, Cq, '='], answer = [value]. With ``name_tokens=1`` each name [P, C] is
-one token; with ``query_eq=False`` the prompt ends at the query's name (the answer is read where the name ends, as
-``reference_labels`` read operands).
+one token; with ``eq_tokens=False`` no '=' is written (statements [P, C, v, ';'] and [P, C, Pa, Ca, op, Pb, Cb,
+';'], and the prompt ends at the query's name, where the answer is read as ``reference_labels`` read operands).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class IGSM(Task):
     reference_labels: bool = False
     order: str = "shuffled"
     name_tokens: int = 2
-    query_eq: bool = True
+    eq_tokens: bool = True
 
     def __post_init__(self):
         diffs = tuple((int(d), int(k)) for d, k in self.difficulties)
@@ -67,7 +67,7 @@ class IGSM(Task):
         if not diffs or any(not (0 <= d <= k <= 2**d - 1) for d, k in diffs):
             raise ValueError(f"difficulties={self.difficulties!r}: must be (depth, n_ops) pairs with "
                              "0 <= depth <= n_ops <= 2**depth - 1 ((0, 0): the query is a constant)")
-        for field in ("dense_labels", "reference_labels", "query_eq"):
+        for field in ("dense_labels", "reference_labels", "eq_tokens"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{field}={getattr(self, field)!r}: must be True or False")
         if self.order not in ("shuffled", "topological"):
@@ -138,7 +138,8 @@ class IGSM(Task):
     def min_seq_len(self) -> int:
         k, w = max(k for _, k in self.difficulties), self.name_tokens
         # inputs = prompt (the answer is one token): BOS, operations, constants, query
-        return 1 + (3 * w + 3) * (k + self.n_distractors) + (w + 3) * (k + 1) + (w + 1 + self.query_eq)
+        e = int(self.eq_tokens)
+        return 1 + (3 * w + 2 + e) * (k + self.n_distractors) + (w + 2 + e) * (k + 1) + (w + 1 + e)
 
     def sample(self, rng: np.random.Generator) -> Example:
         depth, n_ops = self.difficulties[rng.integers(len(self.difficulties))]
@@ -156,13 +157,13 @@ class IGSM(Task):
         tokens = [self.bos_id]
         for x in self._statement_order(rng, nodes):
             node = nodes[x]
-            tokens += [*param[x], self.eq_id]
+            tokens += [*param[x]] + [self.eq_id] * self.eq_tokens
             if node[0] == "leaf":
                 tokens.append(node[1])
             else:
                 tokens += [*param[node[2]], self.op_ids[node[1]], *param[node[3]]]
             tokens.append(self.end_id)
-        tokens += [self.query_id, *param[query]] + [self.eq_id] * self.query_eq
+        tokens += [self.query_id, *param[query]] + [self.eq_id] * self.eq_tokens
         return Example(prompt=np.array(tokens, np.int32), answer=np.array([nodes[query][-1]], np.int32),
                        difficulty=(depth, n_ops))
 
@@ -252,19 +253,19 @@ def prefix_values(task: IGSM, prompt: np.ndarray, *, statements: bool = True,
                   references: bool = False) -> list[tuple[int, int]]:
     """(position, value) pairs, in position order, of what the prompt's prefix determines: with ``statements``,
     each statement's value at its closing ';'; with ``references``, each operand's value at its name's last token."""
-    toks, w = [int(t) for t in prompt], task.name_tokens
+    toks, w, e = [int(t) for t in prompt], task.name_tokens, int(task.eq_tokens)
     known: dict[tuple[int, ...], int] = {}
     out = []
     i = 1
     while toks[i] != task.query_id:
-        end = toks.index(task.end_id, i + w + 1)
-        name, body = tuple(toks[i:i + w]), toks[i + w + 1:end]
+        end = toks.index(task.end_id, i + w + e)
+        name, body = tuple(toks[i:i + w]), toks[i + w + e:end]
         if len(body) == 1:
             known[name] = body[0]
         else:
             a, b = known.get(tuple(body[:w])), known.get(tuple(body[w + 1:]))
             if references:
-                out += [(pos, v) for pos, v in ((i + 2 * w, a), (end - 1, b)) if v is not None]
+                out += [(pos, v) for pos, v in ((i + 2 * w + e - 1, a), (end - 1, b)) if v is not None]
             if a is not None and b is not None:
                 known[name] = {"+": a + b, "-": a - b, "*": a * b}[_OPS[body[w] - task.modulus]] % task.modulus
         if statements and name in known:
@@ -275,18 +276,18 @@ def prefix_values(task: IGSM, prompt: np.ndarray, *, statements: bool = True,
 
 def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
     """(answer, depth, n_ops) of the query, recomputed by parsing the prompt and evaluating it recursively."""
-    toks, w = [int(t) for t in prompt], task.name_tokens
-    tail = w + 1 + task.query_eq  # '?', the query's name, '=' when query_eq
-    if toks[0] != task.bos_id or toks[-tail] != task.query_id or (task.query_eq and toks[-1] != task.eq_id):
+    toks, w, e = [int(t) for t in prompt], task.name_tokens, int(task.eq_tokens)
+    tail = w + 1 + e  # '?', the query's name, '=' with eq_tokens
+    if toks[0] != task.bos_id or toks[-tail] != task.query_id or (e and toks[-1] != task.eq_id):
         raise ValueError("not an i-GSM prompt")
     defs: dict[tuple[int, ...], tuple] = {}
     i = 1
     while i < len(toks) - tail:
         name = tuple(toks[i:i + w])
-        if toks[i + w] != task.eq_id:
+        if e and toks[i + w] != task.eq_id:
             raise ValueError(f"expected '=' at token {i + w}")
-        end = toks.index(task.end_id, i + w + 1)
-        body = toks[i + w + 1:end]
+        end = toks.index(task.end_id, i + w + e)
+        body = toks[i + w + e:end]
         if len(body) == 1:
             defs[name] = ("const", body[0])
         elif len(body) == 2 * w + 1:
@@ -311,5 +312,5 @@ def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
                 memo[name] = (value, 1 + max(da, db), oa | ob | {name})
         return memo[name]
 
-    value, depth, ops = evaluate(tuple(toks[-tail + 1:len(toks) - task.query_eq]))
+    value, depth, ops = evaluate(tuple(toks[-tail + 1:len(toks) - e]))
     return value, depth, len(ops)
