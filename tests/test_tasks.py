@@ -212,13 +212,28 @@ def _ask(task: IGSM, toks: list[int], name: tuple[int, ...]) -> np.ndarray:
     return np.array(toks[:keep] + [*name] + [task.eq_id] * task.eq_tokens)
 
 
+def _split(task: IGSM, toks: list[int]) -> list[tuple[int, tuple, tuple | None]]:
+    """(position of the ';', name, operand names or None for a constant) of each statement, by the token layout."""
+    w, out, start = task.name_tokens, [], 1
+    for end in (i for i, t in enumerate(toks) if t == task.end_id):
+        body = toks[start + w + task.eq_tokens:end]
+        operands = (tuple(body[:w]), tuple(body[w + 1:])) if len(body) > 1 else None
+        out.append((end, tuple(toks[start:start + w]), operands))
+        start = end + 1
+    return out
+
+
+def _format(data) -> dict:
+    """A drawn problem format: statement order, name width, '=' tokens."""
+    return dict(order=data.draw(st.sampled_from(["shuffled", "topological"])),
+                name_tokens=data.draw(st.sampled_from([1, 2])), eq_tokens=data.draw(st.booleans()))
+
+
 @FAST
 @given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(0, 3), data=st.data())
 def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, index, depth, data):
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
-    order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
-    kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)), order=order, name_tokens=w,
-              eq_tokens=data.draw(st.booleans()))
+    kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)), **_format(data))
     task, dense = IGSM(**kw), IGSM(**kw, dense_labels=True)
     ex = dense.example(seed, index)
     assert np.array_equal(ex.prompt, task.example(seed, index).prompt)  # same stream
@@ -226,13 +241,10 @@ def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, 
     assert {k: v.tolist() for k, v in dense.eval_example(ex).items()} == {k: v.tolist() for k, v in plain.items()}
     labelled = np.flatnonzero(row["mask"] > plain["mask"])
     toks = ex.prompt.tolist()
+    statements = _split(task, toks)
     known = set()  # names defined so far, whose values the prefix determines
-    for pos in range(len(toks)):
-        if toks[pos] != task.end_id:
-            continue
-        start = max(i for i in range(pos) if toks[i] in (task.bos_id, task.end_id)) + 1
-        name, body = tuple(toks[start:start + w]), toks[start + w + task.eq_tokens:pos]
-        if len(body) == 1 or {tuple(body[:w]), tuple(body[w + 1:])} <= known:
+    for pos, name, operands in statements:
+        if operands is None or set(operands) <= known:
             known.add(name)
             # the independent evaluator, asked about this statement's name instead of the query
             value = analyse(task, _ask(task, toks, name))[0]
@@ -240,41 +252,36 @@ def test_igsm_dense_labels_are_the_values_of_prefix_determined_statements(seed, 
         else:
             assert pos not in labelled
     assert len(labelled) == len(known)
-    if order == "topological":  # every statement is determined by its prefix
-        assert len(known) == toks.count(task.end_id)
+    if task.order == "topological":  # every statement is determined by its prefix
+        assert len(known) == len(statements)
 
 
 @FAST
 @given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(1, 3), data=st.data())
 def test_igsm_reference_labels_are_the_values_of_prefix_determined_operands(seed, index, depth, data):
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
-    order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
     both = data.draw(st.booleans())  # with or without the statement labels
-    kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)), order=order, name_tokens=w,
-              eq_tokens=data.draw(st.booleans()))
+    kw = dict(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 4)), **_format(data))
     task, ref = IGSM(**kw, dense_labels=both), IGSM(**kw, dense_labels=both, reference_labels=True)
     ex = ref.example(seed, index)
     row, base = ref.lm_example(ex), task.lm_example(ex)
     assert np.array_equal(row["mask"][base["mask"] > 0], base["mask"][base["mask"] > 0])  # earlier labels kept
     labelled = set(np.flatnonzero(row["mask"] > base["mask"]).tolist())
     toks, known, expected = ex.prompt.tolist(), set(), set()
-    starts = [1] + [i + 1 for i, t in enumerate(toks) if t == task.end_id][:-1]
-    for start in starts:
-        end = toks.index(task.end_id, start)
-        body = toks[start + w + task.eq_tokens:end]
-        if len(body) > 1:
-            for last in (start + w + task.eq_tokens + w - 1, end - 1):  # the last token of each operand's name
-                operand = tuple(toks[last - w + 1:last + 1])
+    statements = _split(task, toks)
+    for pos, name, operands in statements:
+        if operands is not None:
+            w = task.name_tokens
+            for last, operand in zip((pos - w - 2, pos - 1), operands):  # the last token of each operand's name
+                assert tuple(toks[last - w + 1:last + 1]) == operand
                 if operand in known:
                     expected.add(last)
-                    value = analyse(task, _ask(task, toks, operand))[0]
-                    assert row["targets"][last] == value
-        if len(body) == 1 or {tuple(body[:w]), tuple(body[w + 1:])} <= known:
-            known.add(tuple(toks[start:start + w]))
+                    assert row["targets"][last] == analyse(task, _ask(task, toks, operand))[0]
+        if operands is None or set(operands) <= known:
+            known.add(name)
     assert labelled == expected
-    if order == "topological":
-        assert len(expected) == 2 * sum(len(toks[s + w + task.eq_tokens:toks.index(task.end_id, s)]) > 1
-                                        for s in starts)
+    if task.order == "topological":
+        assert len(expected) == 2 * sum(operands is not None for _, _, operands in statements)
     assert {k: v.tolist() for k, v in ref.eval_example(ex).items()} == \
         {k: v.tolist() for k, v in IGSM(**kw).eval_example(ex).items()}  # scoring rows: the answer alone
 
@@ -283,18 +290,14 @@ def test_igsm_reference_labels_are_the_values_of_prefix_determined_operands(seed
 @given(seed=seeds, index=st.integers(0, 10**6), depth=st.integers(0, 4), data=st.data())
 def test_igsm_examples_match_checker_depth_and_op_count(seed, index, depth, data):
     n_ops = data.draw(st.integers(depth, 2**depth - 1))
-    order, w = data.draw(st.sampled_from(["shuffled", "topological"])), data.draw(st.sampled_from([1, 2]))
-    task = IGSM(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 5)), order=order, name_tokens=w,
-                eq_tokens=data.draw(st.booleans()))
+    task = IGSM(difficulties=((depth, n_ops),), n_distractors=data.draw(st.integers(0, 5)), **_format(data))
     ex = task.example(seed, index)
     assert analyse(task, ex.prompt) == (int(ex.answer[0]), depth, n_ops)
-    if order == "topological":  # every operand is defined before the statement that uses it
-        defined, toks = set(), ex.prompt.tolist()
-        for start in [1] + [i + 1 for i, t in enumerate(toks) if t == task.end_id][:-1]:
-            body = toks[start + w + task.eq_tokens:toks.index(task.end_id, start)]
-            if len(body) > 1:
-                assert {tuple(body[:w]), tuple(body[w + 1:])} <= defined
-            defined.add(tuple(toks[start:start + w]))
+    if task.order == "topological":  # every operand is defined before the statement that uses it
+        defined = set()
+        for _, name, operands in _split(task, ex.prompt.tolist()):
+            assert operands is None or set(operands) <= defined
+            defined.add(name)
     assert task.check(ex)
     assert 0 <= ex.prompt.min() and ex.prompt.max() < task.vocab_size
     assert len(ex.prompt) <= task.min_seq_len

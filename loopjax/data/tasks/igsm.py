@@ -249,53 +249,59 @@ class IGSM(Task):
         return " ".join(out).replace(" ;\n ", ";\n")
 
 
-def prefix_values(task: IGSM, prompt: np.ndarray, *, statements: bool = True,
-                  references: bool = False) -> list[tuple[int, int]]:
-    """(position, value) pairs, in position order, of what the prompt's prefix determines: with ``statements``,
-    each statement's value at its closing ';'; with ``references``, each operand's value at its name's last token."""
-    toks, w, e = [int(t) for t in prompt], task.name_tokens, int(task.eq_tokens)
-    known: dict[tuple[int, ...], int] = {}
-    out = []
-    i = 1
-    while toks[i] != task.query_id:
-        end = toks.index(task.end_id, i + w + e)
-        name, body = tuple(toks[i:i + w]), toks[i + w + e:end]
-        if len(body) == 1:
-            known[name] = body[0]
-        else:
-            a, b = known.get(tuple(body[:w])), known.get(tuple(body[w + 1:]))
-            if references:
-                out += [(pos, v) for pos, v in ((i + 2 * w + e - 1, a), (end - 1, b)) if v is not None]
-            if a is not None and b is not None:
-                known[name] = {"+": a + b, "-": a - b, "*": a * b}[_OPS[body[w] - task.modulus]] % task.modulus
-        if statements and name in known:
-            out.append((end, known[name]))
-        i = end + 1
-    return out
-
-
-def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
-    """(answer, depth, n_ops) of the query, recomputed by parsing the prompt and evaluating it recursively."""
+def _statements(task: IGSM, prompt: np.ndarray) -> tuple[list[tuple], tuple[int, ...]]:
+    """Parse a prompt: ([(name, definition, position of its ';'), ...] in order, the query's name); a definition is
+    ("const", v) or (op, operand name, operand name)."""
     toks, w, e = [int(t) for t in prompt], task.name_tokens, int(task.eq_tokens)
     tail = w + 1 + e  # '?', the query's name, '=' with eq_tokens
     if toks[0] != task.bos_id or toks[-tail] != task.query_id or (e and toks[-1] != task.eq_id):
         raise ValueError("not an i-GSM prompt")
-    defs: dict[tuple[int, ...], tuple] = {}
+    out = []
     i = 1
     while i < len(toks) - tail:
-        name = tuple(toks[i:i + w])
         if e and toks[i + w] != task.eq_id:
             raise ValueError(f"expected '=' at token {i + w}")
         end = toks.index(task.end_id, i + w + e)
         body = toks[i + w + e:end]
         if len(body) == 1:
-            defs[name] = ("const", body[0])
+            definition = ("const", body[0])
         elif len(body) == 2 * w + 1:
-            defs[name] = (_OPS[body[w] - task.modulus], tuple(body[:w]), tuple(body[w + 1:]))
+            definition = (_OPS[body[w] - task.modulus], tuple(body[:w]), tuple(body[w + 1:]))
         else:
             raise ValueError(f"malformed statement at token {i}")
+        out.append((tuple(toks[i:i + w]), definition, end))
         i = end + 1
+    return out, tuple(toks[len(toks) - tail + 1:len(toks) - e])
 
+
+def _apply(op: str, a: int, b: int, modulus: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op] % modulus
+
+
+def prefix_values(task: IGSM, prompt: np.ndarray, *, statements: bool = True,
+                  references: bool = False) -> list[tuple[int, int]]:
+    """(position, value) pairs, in position order, of what the prompt's prefix determines: with ``statements``,
+    each statement's value at its closing ';'; with ``references``, each operand's value at its name's last token."""
+    known: dict[tuple[int, ...], int] = {}
+    out = []
+    for name, definition, end in _statements(task, prompt)[0]:
+        if definition[0] == "const":
+            known[name] = definition[1]
+        else:
+            op, a, b = definition[0], known.get(definition[1]), known.get(definition[2])
+            if references:  # operand names end just before the op token and just before the ';'
+                out += [(pos, v) for pos, v in ((end - task.name_tokens - 2, a), (end - 1, b)) if v is not None]
+            if a is not None and b is not None:
+                known[name] = _apply(op, a, b, task.modulus)
+        if statements and name in known:
+            out.append((end, known[name]))
+    return out
+
+
+def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
+    """(answer, depth, n_ops) of the query, recomputed by parsing the prompt and evaluating it recursively."""
+    parsed, query = _statements(task, prompt)
+    defs = {name: definition for name, definition, _ in parsed}
     memo: dict[tuple[int, ...], tuple[int, int, frozenset]] = {}
 
     def evaluate(name, stack=()):
@@ -308,9 +314,8 @@ def analyse(task: IGSM, prompt: np.ndarray) -> tuple[int, int, int]:
             else:
                 a, da, oa = evaluate(d[1], stack + (name,))
                 b, db, ob = evaluate(d[2], stack + (name,))
-                value = {"+": a + b, "-": a - b, "*": a * b}[d[0]] % task.modulus
-                memo[name] = (value, 1 + max(da, db), oa | ob | {name})
+                memo[name] = (_apply(d[0], a, b, task.modulus), 1 + max(da, db), oa | ob | {name})
         return memo[name]
 
-    value, depth, ops = evaluate(tuple(toks[-tail + 1:len(toks) - e]))
+    value, depth, ops = evaluate(query)
     return value, depth, len(ops)
