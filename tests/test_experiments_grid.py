@@ -5,14 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from experiments import addition, igsm, phop
+from experiments import addition, igsm, phop, recall
 from experiments.grid import ArchResult, grid_rows
 
 
 @pytest.mark.slow  # two compiles and fits per script: ~4 min each on the loaded shared CPU
 @pytest.mark.parametrize("module, name, first_col", [(phop, "phop", "acc p=1 (%)"),
                                                      (addition, "addition", "acc n=2 (%)"),
-                                                     (igsm, "igsm", "acc D1K1 (%)")])
+                                                     (igsm, "igsm", "acc D1K1 (%)"),
+                                                     (recall, "recall", "acc 3 pairs (%)")])
 def test_smoke_run_writes_table_json_and_plot(module, name, first_col, tmp_path, capsys):
     module.main(["--smoke", "--out", str(tmp_path)])
     readme = (tmp_path / "README.md").read_text()

@@ -1,11 +1,13 @@
 """Synthetic tasks: every generated example verified by an independent checker; layout; determinism."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopjax.data.tasks import IGSM, Addition, Example, PHop, answer_correct, lm_arrays
+from loopjax.data.tasks import IGSM, Addition, Example, PHop, Recall, answer_correct, lm_arrays
 from loopjax.data.tasks.addition import BOS, EOS, display
 from loopjax.data.tasks.igsm import analyse, prefix_values
 from loopjax.data.tasks.phop import find_1, hop_chain, hop_p, prefix_hops
@@ -224,9 +226,9 @@ def _split(task: IGSM, toks: list[int]) -> list[tuple[int, tuple, tuple | None]]
 
 
 def _format(data) -> dict:
-    """A drawn problem format: statement order, name width, '=' tokens."""
+    """A drawn problem format: statement order, name width, '=' tokens (names for up to 15 + 16 + 5 parameters)."""
     return dict(order=data.draw(st.sampled_from(["shuffled", "topological"])),
-                name_tokens=data.draw(st.sampled_from([1, 2])), eq_tokens=data.draw(st.booleans()))
+                name_tokens=data.draw(st.sampled_from([1, 2])), eq_tokens=data.draw(st.booleans()), n_names=48)
 
 
 @FAST
@@ -320,9 +322,59 @@ def test_igsm_rejects_infeasible_difficulty_and_small_hierarchy():
         IGSM(difficulties=((3, 7),), name_tokens=1, n_names=16)  # up to 7 + 8 + 4 parameters
 
 
+# ---- associative recall -------------------------------------------------------------------------------------------
+
+def test_recall_checker_and_labels_on_hand_example():
+    task = Recall(n_pairs=2, n_queries=3, n_keys=4, n_values=5)
+    k0, k1, q, e = task.key_base, task.key_base + 1, task.query_id, task.end_id
+    prompt = np.array([task.bos_id, k1, 3, e, k0, 4, e, q, k0, 4, q, k1, 3, q, k0], np.int32)
+    assert task.decode(prompt) == "<bos> K1 3 ; K0 4 ; ? K0 4 ? K1 3 ? K0"
+    assert task.solve(prompt).tolist() == [4]
+    ex = Example(prompt, np.array([4], np.int32), 2)
+    row = task.lm_example(ex)
+    assert np.flatnonzero(row["mask"]).tolist() == [8, 11, 14]  # each query's key; the last is the answer
+    assert row["targets"][[8, 11, 14]].tolist() == [4, 3, 4]
+    sparse = dataclasses.replace(task, dense_labels=False)
+    assert np.flatnonzero(sparse.lm_example(ex)["mask"]).tolist() == [14]
+    with pytest.raises(ValueError, match="repeated"):
+        task.solve(np.array([task.bos_id, k1, 3, e, k1, 4, e, q, k1], np.int32))
+
+
+@given(seed=seeds, index=st.integers(0, 10**6), n_pairs=st.integers(1, 6), n_queries=st.integers(1, 6),
+       spare_keys=st.integers(0, 4), n_values=st.integers(2, 9))
+@FAST
+def test_recall_examples_bind_distinct_keys_and_label_every_query(seed, index, n_pairs, n_queries, spare_keys,
+                                                                  n_values):
+    task = Recall(n_pairs=n_pairs, n_queries=n_queries, n_keys=n_pairs + spare_keys, n_values=n_values)
+    ex = task.example(seed, index)
+    assert task.check(ex) and len(ex.prompt) == task.min_seq_len and ex.prompt.max() < task.vocab_size
+    statements = ex.prompt[1:1 + 3 * n_pairs].reshape(n_pairs, 3)
+    assert (statements[:, 2] == task.end_id).all() and (statements[:, 1] < n_values).all()
+    bound = dict(zip(statements[:, 0].tolist(), statements[:, 1].tolist()))
+    assert len(bound) == n_pairs and min(bound) >= task.key_base  # distinct keys
+    queries = ex.prompt[1 + 3 * n_pairs:].tolist() + ex.answer.tolist()
+    assert queries[::3] == [task.query_id] * n_queries
+    assert all(bound[k] == v for k, v in zip(queries[1::3], queries[2::3]))  # every query's value is its binding
+    row = task.lm_example(ex)
+    pos = np.flatnonzero(row["mask"])
+    assert pos.tolist() == list(range(2 + 3 * n_pairs, len(ex.prompt), 3))
+    assert row["targets"][pos].tolist() == queries[2::3]
+    assert np.flatnonzero(task.eval_example(ex)["mask"]).tolist() == [len(ex.prompt) - 1]
+
+
+def test_recall_rejects_bad_sizes():
+    for kwargs, field in [(dict(n_pairs=0), "n_pairs"), (dict(n_queries=0), "n_queries"),
+                          (dict(n_values=1), "n_values"), (dict(n_pairs=5, n_keys=4), "n_keys"),
+                          (dict(dense_labels=1), "dense_labels"), (dict(n_pairs=2.0), "n_pairs"),
+                          (dict(seq_len=3), "seq_len")]:
+        with pytest.raises(ValueError, match=field):
+            Recall(**kwargs)
+
+
 # ---- shared layout and determinism ----------------------------------------------------------------------------------
 
-TASKS = [PHop(alphabet=3, n=20, hops=(2, 4)), Addition(n_terms=(3, 5)), IGSM(difficulties=((2, 3), (3, 4)))]
+TASKS = [PHop(alphabet=3, n=20, hops=(2, 4)), Addition(n_terms=(3, 5)), IGSM(difficulties=((2, 3), (3, 4))),
+         Recall(n_pairs=5, n_queries=3, dense_labels=False)]
 
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: type(t).__name__)
