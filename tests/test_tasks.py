@@ -338,6 +338,8 @@ def test_recall_checker_and_labels_on_hand_example():
     assert np.flatnonzero(sparse.lm_example(ex)["mask"]).tolist() == [14]
     with pytest.raises(ValueError, match="repeated"):
         task.solve(np.array([task.bos_id, k1, 3, e, k1, 4, e, q, k1], np.int32))
+    with pytest.raises(ValueError, match="not bound"):
+        task.solve(np.array([task.bos_id, k1, 3, e, q, k0], np.int32))
 
 
 @given(seed=seeds, index=st.integers(0, 10**6), n_pairs=st.integers(1, 6), n_queries=st.integers(1, 6),

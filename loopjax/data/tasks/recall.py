@@ -90,10 +90,12 @@ class Recall(Task):
         bound: dict[int, int] = {}
         i = 1
         while toks[i] != self.query_id:  # statements: key, value, ';'
-            if toks[i + 2] != self.end_id or toks[i] in bound:
+            if i + 2 >= len(toks) or toks[i + 2] != self.end_id or toks[i] in bound:
                 raise ValueError(f"malformed or repeated statement at token {i}")
             bound[toks[i]] = toks[i + 1]
             i += 3
+        if toks[-1] not in bound:
+            raise ValueError(f"the query's key {toks[-1]} is not bound by a statement")
         return np.array([bound[toks[-1]]], np.int32)
 
     def extra_labels(self, example: Example) -> tuple[np.ndarray, np.ndarray]:
