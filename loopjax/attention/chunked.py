@@ -22,8 +22,8 @@ _PAD_POS = 2**30
 
 def default_blocks(s: int, t: int) -> tuple[int, int]:
     """(block_q, block_k) for S queries and T keys, from benchmarks/attention.py on XLA:CPU."""
-    bq = 256 if s <= 2048 else 512
-    bk = 256 if t <= 2048 else 512
+    bq = 256 if s <= 4096 else 512
+    bk = 256 if t <= 4096 else 512
     return min(bq, _round_up(s, 8)), min(bk, _round_up(t, 8))
 
 
