@@ -19,8 +19,8 @@ import numpy as np
 
 from loopjax.attention.chunked import chunked_attention, default_blocks
 
-# Above this the reference is not compiled (its [B, K, G, S, T] scores would not fit comfortably).
-REFERENCE_TEMP_LIMIT = 8 * 2**30
+# Above this the reference is compiled but not run: its [B, K, G, S, T] buffers would not fit in RAM.
+REFERENCE_TEMP_LIMIT = 10 * 2**30
 
 
 def reference(q_BSNH, k_BTKH, v_BTKH, *, q_positions_BS, kv_positions_BT):
@@ -33,6 +33,12 @@ def reference(q_BSNH, k_BTKH, v_BTKH, *, q_positions_BS, kv_positions_BT):
     scores = jnp.where(visible, scores * h**-0.5, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BTKH.dtype)
     return jnp.einsum("bkgst,btkh->bskgh", probs, v_BTKH).reshape(b, s, n, h)
+
+
+def full_chunked(q, k, v, *, q_positions_BS, kv_positions_BT):
+    """Chunked attention with every key visible (all key positions 0): the non-causal cost."""
+    return chunked_attention(q, k, v, q_positions_BS=q_positions_BS,
+                             kv_positions_BT=jnp.zeros_like(kv_positions_BT))
 
 
 def fwd_bwd(attn):
@@ -55,6 +61,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--with-full", action="store_true",
+                    help="also time chunked attention with no mask (to check causal costs about half)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention.json"))
     args = ap.parse_args()
 
@@ -67,11 +75,14 @@ def main() -> None:
         v = jnp.asarray(rng.normal(size=(b, s, kh, h)), jnp.float32)
         pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         fns, row = {}, {"seq": s, "blocks": list(default_blocks(s, s))}
-        for name, attn in (("reference", reference), ("chunked", chunked_attention)):
+        variants = [("reference", reference), ("chunked", chunked_attention)]
+        if args.with_full:
+            variants.append(("chunked_full", full_chunked))
+        for name, attn in variants:
             compiled = fwd_bwd(attn).lower(q, k, v, pos).compile()
             row[f"{name}_temp_bytes"] = temp_bytes(compiled)
             if name == "reference" and row["reference_temp_bytes"] > REFERENCE_TEMP_LIMIT:
-                row["reference_note"] = "temp above 8 GiB: not run"
+                row["reference_note"] = f"temp above {REFERENCE_TEMP_LIMIT >> 30} GiB: not run"
                 continue
             jax.block_until_ready(compiled(q, k, v, pos))  # warm-up
             fns[name] = compiled
@@ -89,19 +100,22 @@ def main() -> None:
     def fmt_s(row, name):
         return f"{row[name + '_s']:.3f}" if name + "_s" in row else "—"
 
-    header = ("| S | blocks (q, k) | reference s | chunked s | chunked / reference time "
-              "| reference temp MiB | chunked temp MiB | temp ratio |")
-    print(header)
-    print("|" + "---|" * 8)
+    full = " chunked no-mask s | causal / no-mask |" if args.with_full else ""
+    print("| S | blocks (q, k) | reference s | chunked s | chunked / reference time "
+          "| reference temp MiB | chunked temp MiB | temp ratio |" + full)
+    print("|" + "---|" * (10 if args.with_full else 8))
     for row in rows:
         ref_t, ch_t = row.get("reference_s"), row["chunked_s"]
         rt, ct = row["reference_temp_bytes"], row["chunked_temp_bytes"]
-        print(f"| {row['seq']} | {tuple(row['blocks'])} | {fmt_s(row, 'reference')} | {fmt_s(row, 'chunked')} "
-              f"| {(ch_t / ref_t) if ref_t else float('nan'):.2f} | {rt / 2**20:.0f} | {ct / 2**20:.1f} "
-              f"| 1/{rt / ct:.0f} |")
+        ratio = f"{ch_t / ref_t:.2f}" if ref_t else "reference not run"
+        line = (f"| {row['seq']} | {tuple(row['blocks'])} | {fmt_s(row, 'reference')} | {fmt_s(row, 'chunked')} "
+                f"| {ratio} | {rt / 2**20:.0f} | {ct / 2**20:.1f} | 1/{rt / ct:.0f} |")
+        if args.with_full:
+            line += f" {row['chunked_full_s']:.3f} | {ch_t / row['chunked_full_s']:.2f} |"
+        print(line)
     meta = {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "batch": args.batch, "heads": args.heads,
-            "kv_heads": args.kv_heads, "head_dim": args.head_dim, "repeats": args.repeats,
+            "kv_heads": args.kv_heads, "head_dim": args.head_dim, "repeats": args.repeats, "with_full": args.with_full,
             "dtype": "float32", "mask": "causal", "measured": "fwd+bwd (value_and_grad wrt q, k, v)"}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

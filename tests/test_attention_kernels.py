@@ -200,7 +200,7 @@ def test_splash_under_shard_map_on_8_cpu_devices_matches_numpy():
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     (q, k, v), dout, want, seg_kw = _splash_case(4, 128, 4, 2, 16, 24, (50,), seed=11)
     fn = (lambda q, k, v: splash_attention(q, k, v, sliding_window=24, interpret=True, mesh=mesh,
-                                                  batch_axes=("data",), head_axes=("model",), **seg_kw))
+                                           batch_axes=("data",), head_axes=("model",), **seg_kw))
     _assert_close(_value_and_vjp(fn, q, k, v, dout), want, atol=3e-5)
 
 

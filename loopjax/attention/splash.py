@@ -51,7 +51,8 @@ def splash_attention(
     dtype. S must equal T and be a multiple of 128; tiles come from `default_block_sizes(S)`.
     `scale` (default H**-0.5) is applied to q before the kernel, in float32. With `mesh`, the kernel
     runs per shard under `jax.shard_map`: batch split over `batch_axes`, q and kv heads over
-    `head_axes` (both head counts must divide), the rest replicated. `interpret=True` runs the kernel
+    `head_axes` (both head counts must divide), the rest replicated; mesh axes of type Auto (as
+    `loopjax.sharding` builds them), or inputs already sharded that way under Explicit axes. `interpret=True` runs the kernel
     in the Pallas interpreter (CPU tests). Every query must see at least one key (true for causal
     self-attention with q_segment_ids == kv_segment_ids); the kernel leaves empty rows undefined.
     """
