@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 
 def check_window(sliding_window: int | None) -> None:
     """Raise unless `sliding_window` is None or a positive int."""
     if sliding_window is None:
         return
-    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0:
+    is_int = isinstance(sliding_window, (int, np.integer)) and not isinstance(sliding_window, bool)
+    if not is_int or sliding_window <= 0:
         raise ValueError(f"sliding_window={sliding_window!r}: must be None or an int >= 1")
 
 
@@ -33,7 +35,7 @@ def check_ids(name: str, ids: jax.Array | None, shape: tuple[int, int]) -> None:
         return
     if tuple(ids.shape) != tuple(shape):
         raise ValueError(f"{name}.shape={tuple(ids.shape)}: must be {tuple(shape)}")
-    if not jax.numpy.issubdtype(ids.dtype, jax.numpy.integer):
+    if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{name}.dtype={ids.dtype}: must be an integer dtype")
 
 

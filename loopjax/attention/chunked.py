@@ -81,7 +81,7 @@ def chunked_attention(
     q_BKGSH = jnp.pad(q_BKGSH, ((0, 0),) * 3 + ((0, s_pad - s), (0, 0)))
     k_BKTH = jnp.pad(k_BTKH.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, t_pad - t), (0, 0)))
     v_BKTH = jnp.pad(v_BTKH.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, t_pad - t), (0, 0)))
-    cfg = _Cfg(scale=scale, window=sliding_window, has_seg=has_seg, bq=bq, bk=bk)
+    cfg = _Cfg(scale=scale, window=None if sliding_window is None else int(sliding_window), has_seg=has_seg, bq=bq, bk=bk)
     out_BKGSH = _flash(cfg, q_BKGSH, k_BKTH, v_BKTH, qpos_BS, kpos_BT, qseg_BS, kseg_BT)
     return out_BKGSH[:, :, :, :s].transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
 
