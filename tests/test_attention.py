@@ -136,7 +136,7 @@ def test_bad_inputs_name_the_argument():
         attend(q, k, v, q_positions=pos, kv_positions=pos, sliding_window=0)
     with pytest.raises(ValueError, match="q_segment_ids.shape"):
         attend(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg[:, :5], kv_segment_ids=seg)
-    with pytest.raises(ValueError, match="give both or neither"):
+    with pytest.raises(ValueError, match="give both q_segment_ids and kv_segment_ids, or neither"):
         attend(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg)
     with pytest.raises(ValueError, match="kv_positions.shape"):
         attend(q, k, v, q_positions=pos, kv_positions=pos[:1])

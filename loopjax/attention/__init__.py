@@ -35,6 +35,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from loopjax.attention._checks import check_ids, check_qkv, check_segments, check_window
 from loopjax.attention.reference import attention_probs, reference_attention
 from loopjax.config import ATTENTION_IMPLS as IMPLS
 from loopjax.partitioning import active_rules
@@ -145,22 +146,12 @@ def resolve_impl(impl: str, *, head_dim: int, q_len: int, kv_len: int, has_segme
 
 def _check_inputs(q_BSNH, k_BTKH, v_BTKH, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
                   sliding_window) -> None:
-    b, s, n, h = q_BSNH.shape
-    t, kv = k_BTKH.shape[1], k_BTKH.shape[2]
-    if k_BTKH.shape != (b, t, kv, h) or v_BTKH.shape[:3] != (b, t, kv):
-        raise ValueError(f"k.shape={k_BTKH.shape}, v.shape={v_BTKH.shape}: must be [B={b}, T, K, H={h}] "
-                         f"for q.shape={q_BSNH.shape}")
-    if n % kv:
-        raise ValueError(f"kv heads K={kv}: must divide the query heads N={n}")
-    for name, x, want in (("q_positions", q_positions, (b, s)), ("kv_positions", kv_positions, (b, t)),
-                          ("q_segment_ids", q_segment_ids, (b, s)), ("kv_segment_ids", kv_segment_ids, (b, t))):
-        if x is not None and tuple(x.shape) != want:
-            raise ValueError(f"{name}.shape={tuple(x.shape)}: must be {want}")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids / kv_segment_ids: give both or neither")
-    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
-                                       or sliding_window < 1):
-        raise ValueError(f"sliding_window={sliding_window!r}: must be None or an int >= 1")
+    check_qkv(q_BSNH, k_BTKH, v_BTKH)
+    (b, s), t = q_BSNH.shape[:2], k_BTKH.shape[1]
+    check_ids("q_positions", q_positions, (b, s))
+    check_ids("kv_positions", kv_positions, (b, t))
+    check_segments(q_segment_ids, kv_segment_ids, (b, s), (b, t))
+    check_window(sliding_window)
 
 
 def attend(q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *, q_positions: jax.Array,
