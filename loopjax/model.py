@@ -64,6 +64,15 @@ class LoopedLM(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else make_param(
             rngs, (d, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
 
+    def with_attention_impl(self, impl: str) -> LoopedLM:
+        """The same model (sharing its parameter arrays) with another ``attention_impl``, e.g. "reference" where
+        forward-mode derivatives are needed (the kernels define reverse mode only)."""
+        if impl == self.cfg.attention_impl:
+            return self
+        cfg = self.cfg.replace(attention_impl=impl)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: LoopedLM(cfg, rngs=nnx.Rngs(0))))
+        return nnx.merge(graphdef, nnx.state(self))
+
     def embed_tokens(self, tokens_BS: jax.Array) -> jax.Array:
         """Token embeddings in the compute dtype, [B, S, D] (unscaled, as Ouro)."""
         return jnp.take(self.embed[...], tokens_BS, axis=0).astype(dtype(self.cfg.compute_dtype))

@@ -12,7 +12,8 @@ BAD_FIELDS = [
     ("step_norm", 1), ("input_injection", "mul"), ("rope_theta", 0.0), ("rms_eps", 0.0), ("rms_eps", -1e-6),
     ("tie_embeddings", "yes"), ("sliding_window", 0), ("sliding_window", -4), ("param_dtype", "float64"),
     ("compute_dtype", "fp16"), ("remat_policy", "dots"), ("scan_unroll", 0), ("exit_gate", None),
-    ("init_std", 0.0), ("n_layers", True),
+    ("init_std", 0.0), ("n_layers", True), ("remat_scope", "block"), ("attention_impl", "flash"),
+    ("attention_interpret", 1),
 ]
 
 

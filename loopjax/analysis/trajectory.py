@@ -135,7 +135,9 @@ def _record(graphdef, state, tokens_BS, positions_BS, attention_mask_BS, *, n_lo
 def loop_map(model, tokens_BS: jax.Array, *, positions_BS: jax.Array | None = None,
              attention_mask_BS: jax.Array | None = None) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:
     """The loop map F: carried state [B, S, D] -> next carried state (one ``core.step``, embedding input fixed),
-    and the initial state h_0. F is a pure function of h (the model's weights are closed over)."""
+    and the initial state h_0. F is a pure function of h (the model's weights are closed over); its attention is
+    the reference backend's, so F has forward- and reverse-mode derivatives."""
+    model = model.with_attention_impl("reference")
     e, cos, sin, mask = _setup(model, tokens_BS, positions_BS, attention_mask_BS)
 
     def f(h_BSD: jax.Array) -> jax.Array:
