@@ -470,7 +470,7 @@ def _depth_eval_args(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--batch-size", type=_checked(int, lambda v: v >= 1, "an int >= 1"), default=8)
     ev.add_argument("--seq-len", type=_checked(int, lambda v: v >= 1, "an int >= 1"), default=None,
                     help="row length (default: the run's train.seq_len, or min(512, max_seq_len) for Ouro)")
-    ev.add_argument("--exit-rule", type=exit_rule_arg, default="default",
+    ev.add_argument("--exit-rule", type=exit_rule_arg, default=argparse.SUPPRESS,
                     help="adaptive depth: q=P, fixed=N, act=EPS, conv=EPS or none (default q=0.5 when gated)")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the result JSON here")
 
@@ -517,7 +517,7 @@ def cmd_eval_depth(args) -> int:
     seq_len = args.seq_len or seq_len
     if seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--seq-len {seq_len}: must be <= the model's max_seq_len {model.cfg.max_seq_len}")
-    rule = args.exit_rule
+    rule = getattr(args, "exit_rule", "default")
     if rule == "default":
         rule = QExit(0.5) if model.cfg.exit_gate else None
     if rule is not None:
