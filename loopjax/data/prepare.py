@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -390,8 +390,28 @@ def _remove_unit(out: str, unit: int) -> None:
                     os.remove(q)
 
 
+def _encode(tok: CorpusTokenizer, texts: list[str], progress: Callable[[int, int, int], None]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """``tok.encode_batch`` in batches of about ``_BATCH_BYTES`` of text (bounded memory, progress per batch)."""
+    all_ids, all_lens, lo = [], [], 0
+    while lo < len(texts):
+        hi, size = lo, 0
+        while hi < len(texts) and (hi == lo or size < _BATCH_BYTES):
+            size += len(texts[hi])
+            hi += 1
+        ids, lens = tok.encode_batch(texts[lo:hi])
+        all_ids.append(ids)
+        all_lens.append(lens)
+        progress(hi - lo, size, len(ids))
+        lo = hi
+    return np.concatenate(all_ids), np.concatenate(all_lens)
+
+
+_BATCH_BYTES = 8 << 20
+
+
 def _write_unit(out: str, unit: int, docs: list, is_val: np.ndarray, tok: CorpusTokenizer, cfg: PrepareConfig,
-                dtype: str) -> dict:
+                dtype: str, progress: Callable[[int, int, int], None]) -> dict:
     """Tokenise one unit's documents and write its shard of each split; returns the unit's record."""
     record = {"unit": unit}
     for split, want_val in (("train", False), ("val", True)):
@@ -400,12 +420,12 @@ def _write_unit(out: str, unit: int, docs: list, is_val: np.ndarray, tok: Corpus
             record[split] = {"documents": 0, "tokens": 0}
             continue
         if cfg.sft:
-            p_ids, p_len = tok.encode_batch([d[0] for d in chosen])
-            r_ids, r_len = tok.encode_batch([d[1] for d in chosen])
+            p_ids, p_len = _encode(tok, [d[0] for d in chosen], lambda n, b, t: progress(0, b, t))
+            r_ids, r_len = _encode(tok, [d[1] for d in chosen], progress)
             pieces_ids = (p_ids, r_ids)
             pieces_len = (p_len, r_len)
         else:
-            ids, lens = tok.encode_batch(chosen)
+            ids, lens = _encode(tok, chosen, progress)
             pieces_ids, pieces_len = (ids,), (lens,)
         n = len(chosen)
         head = int(tok.bos_id is not None)
@@ -441,10 +461,12 @@ class _Progress:
     def __init__(self, total_docs: int, total_bytes: int, enabled: bool):
         self.total_docs, self.total_mb, self.enabled = total_docs, total_bytes / 1e6, enabled
         self.t0, self.docs, self.mb, self.tokens = time.perf_counter(), 0, 0.0, 0
+        self.shown = 0.0
 
     def update(self, docs: int, nbytes: int, tokens: int) -> None:
         self.docs, self.mb, self.tokens = self.docs + docs, self.mb + nbytes / 1e6, self.tokens + tokens
-        if self.enabled:
+        if self.enabled and time.perf_counter() - self.shown > 0.2:
+            self.shown = time.perf_counter()
             rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
             print(f"\rprepare: {self.docs}/{self.total_docs} documents, {self.mb:.1f}/{self.total_mb:.1f} MB, "
                   f"{rate:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
@@ -520,11 +542,9 @@ def prepare(cfg: PrepareConfig, *, progress: bool | None = None) -> dict:
                 d += 1
                 if d == bounds[unit + 1]:
                     if unit not in done:
-                        rec = _write_unit(cfg.out, unit, docs, is_val[bounds[unit]:d], tok, cfg, dtype)
+                        rec = _write_unit(cfg.out, unit, docs, is_val[bounds[unit]:d], tok, cfg, dtype, bar.update)
                         _write_json(os.path.join(state, f"unit_{unit:05d}.json"), rec)
                         done[unit] = rec
-                        bar.update(len(docs), int(doc_bytes[bounds[unit]:d].sum()),
-                                   rec["train"]["tokens"] + rec["val"]["tokens"])
                     unit, docs = unit + 1, []
     bar.close()
     splits = {}
