@@ -31,7 +31,7 @@ def sequence_kwargs(batch: dict) -> dict:
 
 def rows_to_batches(source, batch_size: int, *, max_tokens: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Rows 0, 1, ... of a random-access source as batches of ``batch_size`` in order; the last batch is padded
-    with mask-0 rows so every batch has one shape. ``max_tokens`` stops after that many counted targets' rows."""
+    with mask-0 rows so every batch has one shape. ``max_tokens`` reads at most ceil(max_tokens / seq_len) rows."""
     n_rows = len(source)
     if max_tokens is not None:
         n_rows = min(n_rows, max(1, math.ceil(max_tokens / source.seq_len)))

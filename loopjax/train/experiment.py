@@ -15,6 +15,7 @@ import difflib
 import importlib
 import importlib.util
 import os
+import warnings
 from typing import Any, Callable, Iterable
 
 from loopjax.config import LoopedConfig, TrainConfig, _check_choice, _check_float, _check_int, _fail
@@ -238,8 +239,12 @@ def build_data(exp: Experiment) -> tuple[Any, Callable[[], Iterable[dict]]]:
             raise ValueError(f"model.vocab_size={exp.model.vocab_size}: smaller than the vocabulary of "
                              f"{dcfg.prepared} ({vocab} ids, tokenizer {manifest['tokenizer']['sha256'][:12]})")
         train_src = PackedTokenSource(dcfg.prepared, tcfg.seq_len, split="train")
-        has_val = manifest["splits"]["val"]["documents"] > 0
-        eval_src = PackedTokenSource(dcfg.prepared, tcfg.seq_len, split="val") if has_val else None
+        val_rows = max(manifest["splits"]["val"]["tokens"] - 1, 0) // tcfg.seq_len
+        eval_src = PackedTokenSource(dcfg.prepared, tcfg.seq_len, split="val") if val_rows >= local else None
+        if eval_src is None and tcfg.eval_every:
+            warnings.warn(f"data.prepared={dcfg.prepared}: its val split has {val_rows} rows of {tcfg.seq_len}, "
+                          f"fewer than one batch of {local}; no evaluation (prepare with a larger --val-fraction)",
+                          stacklevel=2)
     else:
         task = _task(exp)
         if task.length != tcfg.seq_len:
