@@ -158,7 +158,7 @@ def _tree_digest(out: str) -> dict[str, str]:
 
 def _prepare_cmd(src: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "loopjax.cli", "data", "prepare", str(src), "--tokenizer", "bytes", "--out",
-            str(out), "--val-fraction", "0.05", "--seed", "7", "--unit-mb", "0.02", "--no-progress"]
+            str(out), "--val-fraction", "0.05", "--seed", "7", "--unit-mb", "0.01", "--no-progress"]
 
 
 def test_sigkill_mid_prepare_then_rerun_gives_identical_bytes(tmp_path):
@@ -166,7 +166,7 @@ def test_sigkill_mid_prepare_then_rerun_gives_identical_bytes(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     with open(src / "c.jsonl", "w") as f:
-        for d in random_docs(rng, 3000, 200):
+        for d in random_docs(rng, 1500, 200):
             f.write(json.dumps({"text": d}) + "\n")
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run(_prepare_cmd(src, ref), check=True, cwd=REPO, capture_output=True)

@@ -136,23 +136,38 @@ def _tiny_model():
 def test_logits_on_a_packed_row_equal_logits_of_each_document_alone(tmp_path, adaptive):
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     import loopjax as lj
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    seq_len = 48
     out, _ = bytes_corpus(tmp_path, np.random.default_rng().integers(3, 20, 12))
-    row = PackedTokenSource(out, 48)[0]
+    row = PackedTokenSource(out, seq_len)[0]
     assert row["segment_ids"].max() >= 3  # several documents in the row, the first cut from no earlier row
     model = _tiny_model()
     kw = {"exit_rule": lj.QExit(0.5)} if adaptive else {"return_steps": True}
-    packed = model(jnp.asarray(row["inputs"])[None], positions_BS=jnp.asarray(row["positions"])[None],
-                   segment_ids_BS=jnp.asarray(row["segment_ids"])[None], **kw)
+
+    @nnx.jit
+    def packed_call(m, tokens, positions, segment_ids):
+        return m(tokens, positions_BS=positions, segment_ids_BS=segment_ids, **kw)
+
+    @nnx.jit
+    def alone_call(m, tokens):
+        return m(tokens, **kw)
+
+    packed = packed_call(model, jnp.asarray(row["inputs"])[None], jnp.asarray(row["positions"])[None],
+                         jnp.asarray(row["segment_ids"])[None])
+    filler = np.random.default_rng().integers(0, 258, seq_len, dtype=np.int32)
     for seg in np.unique(row["segment_ids"]):
         idx = np.flatnonzero(row["segment_ids"] == seg)
-        alone = model(jnp.asarray(row["inputs"][idx])[None], **kw)
-        np.testing.assert_allclose(packed.logits[0, idx], alone.logits[0], atol=2e-5, rtol=2e-5,
+        n = len(idx)
+        # the document alone at the start of a row of random filler: causal, so its logits are the document's own
+        alone = alone_call(model, jnp.asarray(np.concatenate([row["inputs"][idx], filler[n:]]))[None])
+        np.testing.assert_allclose(packed.logits[0, idx], alone.logits[0, :n], atol=2e-5, rtol=2e-5,
                                    err_msg=f"document {seg} sees another document")
         if adaptive:
-            np.testing.assert_array_equal(packed.exit_step[0, idx], alone.exit_step[0])
+            np.testing.assert_array_equal(packed.exit_step[0, idx], alone.exit_step[0, :n])
         else:
-            np.testing.assert_allclose(packed.step_logits[:, 0, idx], alone.step_logits[:, 0], atol=2e-5, rtol=2e-5)
+            np.testing.assert_allclose(packed.step_logits[:, 0, idx], alone.step_logits[:, 0, :n], atol=2e-5,
+                                       rtol=2e-5)
