@@ -421,7 +421,8 @@ def cmd_analyze(args) -> int:
 def _data_args(data: argparse.ArgumentParser) -> None:
     dsub = data.add_subparsers(dest="action", required=True)
     pr = dsub.add_parser("prepare", help="tokenise text files into a corpus folder (resumable; rerun to continue)")
-    pr.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.md/.jsonl/.jsonl.gz/.parquet files, folders, globs")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT",
+                    help=".txt/.md/.jsonl/.jsonl.gz/.parquet files, folders, globs")
     pr.add_argument("--tokenizer", required=True, help="tokenizer.json, a folder holding one (Ouro), or 'bytes'")
     pr.add_argument("--out", required=True, help="corpus folder")
     pr.add_argument("--text-field", default="text", help="jsonl / parquet field of the text")

@@ -104,8 +104,8 @@ def test_build_data_tokens_checks_vocab_before_tracing(tmp_path):
     from loopjax.train.experiment import apply_overrides, build_data, load_experiment
 
     out, _ = bytes_corpus(tmp_path, [30] * 40, val_fraction=0.3)
-    exp = apply_overrides(load_experiment("tiny_text"), ["data.source=tokens", f"data.prepared={out}",
-                                                          "train.seq_len=16", "train.batch_size=4", "model.vocab_size=128"])
+    exp = apply_overrides(load_experiment("tiny_text"), ["data.source=tokens", f"data.prepared={out}", "train.seq_len=16",
+                                                          "train.batch_size=4", "model.vocab_size=128"])
     with pytest.raises(ValueError, match=r"model.vocab_size=128: smaller than the vocabulary .* \(258 ids"):
         build_data(exp)
     exp = apply_overrides(exp, ["model.vocab_size=258"])
@@ -120,7 +120,6 @@ def test_build_data_tokens_checks_vocab_before_tracing(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ model level
-# These need LoopedLM's ``segment_ids_BS`` (the lead's attention change).
 
 def _tiny_model():
     from flax import nnx

@@ -17,16 +17,7 @@ from flax import nnx
 
 from loopjax import halting
 from loopjax.flops import forward_flops
-
-
-def sequence_kwargs(batch: dict) -> dict:
-    """The model keywords of a batch's packing keys: ``positions_BS`` and ``segment_ids_BS`` when present."""
-    kw = {}
-    if batch.get("positions") is not None:
-        kw["positions_BS"] = batch["positions"]
-    if batch.get("segment_ids") is not None:
-        kw["segment_ids_BS"] = batch["segment_ids"]
-    return kw
+from loopjax.train.step import layout_kwargs
 
 
 def rows_to_batches(source, batch_size: int, *, max_tokens: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -54,7 +45,7 @@ def evaluate_by_depth(model, batches: Iterable[dict], *, exit_rule=None, n_loops
     @jax.jit
     def step(state, batch):
         m = nnx.merge(graphdef, state)
-        kw = sequence_kwargs(batch)
+        kw = layout_kwargs(batch)
         mask = batch["mask"].astype(jnp.float32)
         out = m(batch["inputs"], n_loops=n_loops, return_steps=True, **kw)
         ce_T = jax.vmap(lambda logits: (halting.cross_entropy(logits, batch["targets"]) * mask).sum())(
