@@ -102,3 +102,18 @@ def test_eval_refuses_a_corpus_with_more_ids_than_the_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(REPO / "tests" / "data" / "ouro"), "--data", str(corpus), "--split", "train"]) == 2
     assert "258 ids, more than the model's vocab_size 256" in capsys.readouterr().err
+
+
+def test_eval_forms_are_clear_errors_when_mixed(tmp_path, capsys):
+    assert main(["eval", "tiny_text"]) == 2
+    assert "give CONFIG --workdir DIR, or WORKDIR --data PREPARED_DIR" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a prepared corpus" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("some text for a corpus")
+    corpus = tmp_path / "corpus"
+    assert main(["data", "prepare", str(tmp_path / "a.txt"), "--tokenizer", "bytes", "--out", str(corpus)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path), "--data", str(corpus)]) == 2
+    assert "neither a training run directory" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--data", str(corpus), "--workdir", str(tmp_path)]) == 2
+    assert "--workdir: not used with --data" in capsys.readouterr().err
