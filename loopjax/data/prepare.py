@@ -547,6 +547,9 @@ def prepare(cfg: PrepareConfig, *, progress: bool | None = None) -> dict:
                         done[unit] = rec
                     unit, docs = unit + 1, []
     bar.close()
+    if len(done) != len(bounds) - 1:  # a file shrank between the two passes
+        raise RuntimeError(f"inputs changed while `prepare` read them ({len(done)} of {len(bounds) - 1} units "
+                           "written); rerun the same command")
     splits = {}
     for split in SPLITS:
         shards = [{"name": f"{u:05d}", "documents": done[u][split]["documents"], "tokens": done[u][split]["tokens"]}
