@@ -70,6 +70,36 @@ def test_packed_rows_match_brute_force_on_random_document_lengths(tmp_path):
                 np.testing.assert_array_equal(row[key], want[k][key], err_msg=f"row {k} {key} seq_len={seq_len}")
 
 
+def test_first_fit_rows_keep_short_documents_whole_and_count_every_transition_once(tmp_path):
+    from collections import Counter
+
+    rng = np.random.default_rng()
+    seq_len = int(rng.integers(8, 24))
+    out, docs = bytes_corpus(tmp_path, rng.integers(0, 3 * seq_len, 40))  # some documents longer than a row
+    src = PackedTokenSource(out, seq_len, packing="first_fit")
+    want = Counter()  # a document of <= seq_len + 1 tokens whole, longer ones cut every seq_len (overlap one)
+    for doc in docs:
+        off = 0
+        while off == 0 or off + 1 < len(doc):
+            want[tuple(doc[off:off + seq_len + 1])] += 1
+            off += seq_len
+    got, counted = Counter(), 0
+    for k in range(len(src)):
+        row = src[k]
+        full = np.append(row["inputs"], row["targets"][-1])  # the row's seq_len + 1 token slots
+        seg = np.append(row["segment_ids"], row["segment_ids"][-1] if row["mask"][-1] else 0)
+        for s_id in np.unique(seg[seg > 0]):
+            idx = np.flatnonzero(seg == s_id)
+            assert np.array_equal(idx, np.arange(idx[0], idx[-1] + 1)), "a segment is not contiguous"
+            np.testing.assert_array_equal(row["positions"][idx[idx < seq_len]], np.arange(len(idx))[idx < seq_len])
+            got[tuple(full[idx])] += 1
+        pad = row["segment_ids"] == 0
+        assert not row["mask"][pad].any() and not row["inputs"][pad].any() and not row["positions"][pad].any()
+        counted += int(row["mask"].sum())
+    assert got == want
+    assert counted == sum(len(d) - 1 for d in docs)  # every within-document transition is a target exactly once
+
+
 def test_reads_across_shard_boundaries_equal_the_stream(tmp_path):
     out, docs = bytes_corpus(tmp_path, [50] * 12, unit_bytes=40)  # one document per shard
     split = PreparedSplit(out, "train")

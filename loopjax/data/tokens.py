@@ -121,15 +121,69 @@ def pack_row(index_S1: np.ndarray, doc_starts: np.ndarray,
     return {"segment_ids": segment_ids, "positions": positions, "mask": mask.astype(np.float32)}
 
 
-class PackedTokenSource:
-    """grain random-access source of packed rows of a prepared corpus (keys and shapes: the module docstring)."""
+PACKINGS = ("concat", "first_fit")
 
-    def __init__(self, path: str, seq_len: int, *, split: str = "train"):
+
+def first_fit_plan(doc_starts: np.ndarray, num_tokens: int, row_tokens: int,
+                   window: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole-document packing: (row_offsets [rows + 1], piece_start, piece_len) with row r holding pieces
+    row_offsets[r]:row_offsets[r + 1], each ``stream[piece_start : piece_start + piece_len]``.
+
+    Documents are taken in order; each goes into the first of the ``window`` most recently opened rows with room
+    for it, else a new row (rows leaving the window are closed and padded). A document longer than a row
+    (``row_tokens`` = seq_len + 1) is cut into pieces of ``row_tokens`` overlapping by one token, so every token
+    but a document's first is a target exactly once.
+    """
+    lengths = np.diff(np.append(doc_starts, num_tokens)).tolist()
+    open_rows: list[list[int]] = []  # [row, room left]
+    rows, starts, lens = [], [], []
+    n_rows = 0
+    for start, length in zip(doc_starts.tolist(), lengths):
+        offset = 0
+        while offset == 0 or offset + 1 < length:
+            piece = min(row_tokens, length - offset)
+            if piece <= 0:
+                break
+            for slot in open_rows:
+                if slot[1] >= piece:
+                    row = slot[0]
+                    slot[1] -= piece
+                    break
+            else:
+                row, n_rows = n_rows, n_rows + 1
+                open_rows.append([row, row_tokens - piece])
+                if len(open_rows) > window:
+                    open_rows.pop(0)
+            rows.append(row)
+            starts.append(start + offset)
+            lens.append(piece)
+            offset += row_tokens - 1
+        open_rows = [slot for slot in open_rows if slot[1] > 0]
+    order = np.argsort(np.asarray(rows, np.int64), kind="stable")
+    row_offsets = np.concatenate([[0], np.cumsum(np.bincount(np.asarray(rows, np.int64), minlength=n_rows))])
+    return (row_offsets.astype(np.int64), np.asarray(starts, np.int64)[order], np.asarray(lens, np.int64)[order])
+
+
+class PackedTokenSource:
+    """grain random-access source of packed rows of a prepared corpus (keys and shapes: the module docstring).
+
+    packing: "concat" (concat then split, no padding; the module docstring) or "first_fit" (documents up to a row
+      long stay whole, packed by ``first_fit_plan``; the rest of a row is padding: token 0, segment id 0,
+      position 0, mask 0).
+    """
+
+    def __init__(self, path: str, seq_len: int, *, split: str = "train", packing: str = "concat"):
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len={seq_len!r}: must be an int >= 1")
+        if packing not in PACKINGS:
+            raise ValueError(f"packing={packing!r}: must be one of {PACKINGS}")
         self.corpus = PreparedSplit(path, split)
-        self.seq_len = seq_len
-        self.rows = (self.corpus.num_tokens - 1) // seq_len
+        self.seq_len, self.packing = seq_len, packing
+        if packing == "first_fit":
+            self.plan = first_fit_plan(self.corpus.doc_starts, self.corpus.num_tokens, seq_len + 1)
+            self.rows = len(self.plan[0]) - 1
+        else:
+            self.rows = (self.corpus.num_tokens - 1) // seq_len
         if self.rows < 1:
             raise ValueError(f"seq_len={seq_len}: the {split!r} split of {path} has {self.corpus.num_tokens} tokens, "
                              "fewer than one row")
@@ -149,11 +203,33 @@ class PackedTokenSource:
         index = int(index)
         if not 0 <= index < self.rows:
             raise IndexError(f"row {index} out of range for {self.rows} rows")
+        if self.packing == "first_fit":
+            return self._first_fit_row(index)
         begin = index * self.seq_len
         window = self.corpus.read(begin, begin + self.seq_len + 1)
         row = pack_row(np.arange(begin, begin + self.seq_len + 1), self.corpus.doc_starts, self.corpus.loss_starts)
         return {"inputs": window[:-1], "targets": window[1:], **row}
 
+    def _first_fit_row(self, index: int) -> dict[str, np.ndarray]:
+        row_offsets, piece_start, piece_len = self.plan
+        n = self.seq_len + 1
+        tokens, segment = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        positions, stream_index = np.zeros(n, np.int32), np.full(n, -1, np.int64)
+        at = 0
+        for k, p in enumerate(range(row_offsets[index], row_offsets[index + 1]), 1):
+            lo, length = int(piece_start[p]), int(piece_len[p])
+            tokens[at:at + length] = self.corpus.read(lo, lo + length)
+            segment[at:at + length] = k
+            positions[at:at + length] = np.arange(length)
+            stream_index[at:at + length] = np.arange(lo, lo + length)
+            at += length
+        mask = (segment[:-1] == segment[1:]) & (segment[:-1] > 0)
+        if self.corpus.loss_starts is not None:
+            doc = np.searchsorted(self.corpus.doc_starts, stream_index[1:], side="right") - 1
+            mask &= stream_index[1:] >= self.corpus.loss_starts[np.maximum(doc, 0)]
+        return {"inputs": tokens[:-1], "targets": tokens[1:], "segment_ids": segment[:-1],
+                "positions": positions[:-1], "mask": mask.astype(np.float32)}
+
     def __repr__(self) -> str:
-        return (f"PackedTokenSource({self.corpus.path!r}, split={self.corpus.split!r}, {self.rows} rows of "
-                f"{self.seq_len})")
+        return (f"PackedTokenSource({self.corpus.path!r}, split={self.corpus.split!r}, packing={self.packing!r}, "
+                f"{self.rows} rows of {self.seq_len})")

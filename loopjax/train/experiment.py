@@ -33,6 +33,8 @@ class DataConfig:
       arguments; its ``seq_len`` defaults to ``train.seq_len``).
     paths: text files, directories or glob patterns (source "text").
     prepared: a prepared corpus folder (source "tokens").
+    packing: source "tokens": "concat" (concat then split, no padding) or "first_fit" (documents up to a row
+      long kept whole, rows padded; ``loopjax.data.tokens.first_fit_plan``).
     eval_fraction: text: the last fraction of windows is held out for evaluation.
     eval_seed: tasks: the seed of the held-out example stream (training uses ``train.seed``).
     worker_count: grain worker processes (0 = in-process).
@@ -41,6 +43,7 @@ class DataConfig:
     source: str = "text"
     paths: tuple[str, ...] = ()
     prepared: str = ""
+    packing: str = "concat"
     eval_fraction: float = 0.01
     task: dict = dataclasses.field(default_factory=dict)
     eval_seed: int = 1_000_003
@@ -54,6 +57,7 @@ class DataConfig:
             _fail("paths", self.paths, "non-empty for source='text' (files, directories or globs)")
         if not isinstance(self.prepared, str):
             _fail("prepared", self.prepared, "a path string")
+        _check_choice("packing", self.packing, ("concat", "first_fit"))
         if self.source == "tokens" and not self.prepared:
             _fail("prepared", self.prepared, "a folder made by `loopjax data prepare` for source='tokens'")
         _check_float("eval_fraction", self.eval_fraction, 0.0, 0.5)
@@ -238,9 +242,10 @@ def build_data(exp: Experiment) -> tuple[Any, Callable[[], Iterable[dict]]]:
         if vocab > exp.model.vocab_size:  # checked before opening any shard or tracing anything
             raise ValueError(f"model.vocab_size={exp.model.vocab_size}: smaller than the vocabulary of "
                              f"{dcfg.prepared} ({vocab} ids, tokenizer {manifest['tokenizer']['sha256'][:12]})")
-        train_src = PackedTokenSource(dcfg.prepared, tcfg.seq_len, split="train")
+        train_src = PackedTokenSource(dcfg.prepared, tcfg.seq_len, split="train", packing=dcfg.packing)
         val_rows = max(manifest["splits"]["val"]["tokens"] - 1, 0) // tcfg.seq_len
-        eval_src = PackedTokenSource(dcfg.prepared, tcfg.seq_len, split="val") if val_rows >= local else None
+        eval_src = (PackedTokenSource(dcfg.prepared, tcfg.seq_len, split="val", packing=dcfg.packing)
+                    if val_rows >= local else None)
         if eval_src is None and tcfg.eval_every:
             warnings.warn(f"data.prepared={dcfg.prepared}: its val split has {val_rows} rows of {tcfg.seq_len}, "
                           f"fewer than one batch of {local}; no evaluation (prepare with a larger --val-fraction)",
