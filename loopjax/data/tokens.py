@@ -14,6 +14,9 @@ covers stream tokens [kS, kS + S] (S + 1 tokens, overlapping the next row by one
                         1 where the target is in the input token's document (0 across a document boundary), and
                         in an SFT corpus only where the target is a response token (or the closing EOS)
 
+``packing="first_fit"`` instead keeps every document of up to S + 1 tokens whole in one row (``first_fit_plan``)
+and pads the rest of the row (token 0, segment id 0, mask 0).
+
 Reads go through tensorstore, one slice per row (O(row): only the zarr chunks the row touches are decoded); stores
 are opened lazily in each process (grain workers too). A folder without ``manifest.json`` (a partial
 ``prepare`` run) is refused.
