@@ -201,6 +201,9 @@ class Checkpointer:
         """
         items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         snapshot = _IteratorState()
+        # A checkpoint saved without a data position (``loopjax convert import``) leaves the iterator at its start.
+        if data_iter is not None and not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+            data_iter = None
         if data_iter is not None:
             import grain
 

@@ -2,6 +2,11 @@
 
     loopjax train CONFIG [--workdir DIR] [--set key=value ...]
     loopjax eval CONFIG --workdir DIR [--step N] [--batches N] [--set key=value ...]
+    loopjax eval (WORKDIR | OURO_DIR) --data PREPARED_DIR [--split val] [--max-tokens N] [--exit-rule q=0.5]
+        [--batch-size B] [--seq-len S] [--step N] [--json PATH]     (CE / perplexity at every loop depth)
+    loopjax data prepare INPUT... --tokenizer (TOKENIZER_JSON | DIR | bytes) --out DIR [--text-field text]
+        [--prompt-field F --response-field F] [--val-fraction 0.01] [--no-append-eos] [--seed N]
+        [--bos-token STR] [--eos-token STR] [--skip-bad-lines]
     loopjax generate (--checkpoint DIR | --ouro DIR | CONFIG --workdir DIR) --prompt TEXT [--max-new-tokens N]
         [--exit-rule q=0.5|fixed=3|act=0.01|conv=0.01|none] [--kv-mode per_step|last_step|compute_all]
         [--show-depth] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--step N] [--set ...]
@@ -44,10 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
 
     common(sub.add_parser("train", help="train (resumes from WORKDIR when it holds a checkpoint)"), False)
-    ev = sub.add_parser("eval", help="evaluate a checkpoint on the config's eval data")
-    common(ev)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the config's eval data, or by loop depth (--data)")
+    common(ev, False)
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
     ev.add_argument("--batches", type=int, default=None, help="eval batches (default train.eval_batches)")
+    _depth_eval_args(ev)
+    _data_args(sub.add_parser("data", help="prepare tokenised corpora"))
     _generate_args(sub.add_parser("generate", help="continue a text prompt (training checkpoint or Ouro folder)"))
     _analyze_args(sub.add_parser("analyze", help="fixed points, attention, contraction, accuracy per FLOP -> DIR"))
     conv = sub.add_parser("convert", help="import / export HuggingFace Ouro checkpoints")
@@ -102,6 +109,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from loopjax.train.experiment import build_data
 
+    if args.data is not None:
+        return cmd_eval_depth(args)
+    if args.workdir is None:
+        raise ValueError("eval: give CONFIG --workdir DIR, or WORKDIR --data PREPARED_DIR")
     exp = _experiment(args)
     _, eval_data = build_data(exp)
     trainer = _restored(exp, args, eval_data)
@@ -405,8 +416,130 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ data, eval by depth
+
+def _data_args(data: argparse.ArgumentParser) -> None:
+    dsub = data.add_subparsers(dest="action", required=True)
+    pr = dsub.add_parser("prepare", help="tokenise text files into a corpus folder (resumable; rerun to continue)")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT",
+                    help=".txt/.md/.jsonl/.jsonl.gz/.parquet files, folders, globs")
+    pr.add_argument("--tokenizer", required=True, help="tokenizer.json, a folder holding one (Ouro), or 'bytes'")
+    pr.add_argument("--out", required=True, help="corpus folder")
+    pr.add_argument("--text-field", default="text", help="jsonl / parquet field of the text")
+    pr.add_argument("--prompt-field", default=None, help="SFT: prompt field (loss only on the response)")
+    pr.add_argument("--response-field", default=None, help="SFT: response field")
+    pr.add_argument("--val-fraction", type=_checked(float, lambda v: 0 <= v <= 0.5, "a float in [0, 0.5]"),
+                    default=0.01)
+    pr.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True)
+    pr.add_argument("--seed", type=_checked(int, lambda v: v >= 0, "an int >= 0"), default=0)
+    pr.add_argument("--bos-token", default=None, help="BOS token string when the tokenizer config names none")
+    pr.add_argument("--eos-token", default=None, help="EOS token string when the tokenizer config names none")
+    pr.add_argument("--skip-bad-lines", action="store_true", help="count and skip bad jsonl lines instead of failing")
+    pr.add_argument("--unit-mb", type=_checked(float, lambda v: v > 0, "a float > 0"), default=64.0,
+                    help="text per shard (MB)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
+
+
+def cmd_data(args) -> int:
+    from loopjax.data.prepare import PrepareConfig, prepare, summary
+
+    cfg = PrepareConfig(inputs=tuple(args.inputs), tokenizer=args.tokenizer, out=args.out,
+                        text_field=args.text_field, prompt_field=args.prompt_field,
+                        response_field=args.response_field, val_fraction=args.val_fraction,
+                        append_eos=args.append_eos, seed=args.seed, bos_token=args.bos_token,
+                        eos_token=args.eos_token, skip_bad_lines=args.skip_bad_lines,
+                        unit_bytes=max(1, int(args.unit_mb * 1e6)))
+    try:
+        manifest = prepare(cfg, progress=False if args.no_progress else None)
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    print(summary(manifest), file=sys.stderr)
+    print(json.dumps({"out": args.out, "documents": manifest["documents"], "tokens": manifest["tokens"],
+                      "train_tokens": manifest["splits"]["train"]["tokens"],
+                      "val_tokens": manifest["splits"]["val"]["tokens"], "vocab_size":
+                      manifest["tokenizer"]["vocab_size"], "replaced_bytes": manifest["replaced_bytes"],
+                      "skipped_lines": manifest["skipped_lines"]}))
+    return 0
+
+
+def _depth_eval_args(ev: argparse.ArgumentParser) -> None:
+    ev.add_argument("--data", metavar="PREPARED_DIR", default=None,
+                    help="evaluate CE / perplexity per loop depth on this prepared corpus (CONFIG is then a training "
+                         "run directory or an HF Ouro folder)")
+    ev.add_argument("--split", choices=("val", "train"), default="val")
+    ev.add_argument("--max-tokens", type=_checked(int, lambda v: v >= 1, "an int >= 1"), default=None)
+    ev.add_argument("--batch-size", type=_checked(int, lambda v: v >= 1, "an int >= 1"), default=8)
+    ev.add_argument("--seq-len", type=_checked(int, lambda v: v >= 1, "an int >= 1"), default=None,
+                    help="row length (default: the run's train.seq_len, or min(512, max_seq_len) for Ouro)")
+    ev.add_argument("--exit-rule", type=exit_rule_arg, default=argparse.SUPPRESS,
+                    help="adaptive depth: q=P, fixed=N, act=EPS, conv=EPS or none (default q=0.5 when gated)")
+    ev.add_argument("--json", default=None, metavar="PATH", help="also write the result JSON here")
+
+
+def _eval_model(args):
+    """(model, seq_len) from a training run directory or an HF Ouro folder (``args.config``)."""
+    path = args.config
+    run_cfg = os.path.join(path, "checkpoints", "config.json")
+    if os.path.isfile(run_cfg):
+        from loopjax.train.experiment import Experiment, apply_overrides
+
+        with open(run_cfg) as f:
+            exp = apply_overrides(_build_config(Experiment, json.load(f)), args.set)
+        trainer = _trainer(exp, path, restore_step=args.step)
+        if trainer.resumed_from is None:
+            raise SystemExit(f"loopjax: no checkpoint in {os.path.join(path, 'checkpoints')}")
+        model = trainer.model()
+        trainer.close()
+        return model, exp.train.seq_len, trainer.resumed_from
+    if os.path.isfile(os.path.join(path, "config.json")):
+        if args.step is not None or args.set:
+            raise ValueError("--step / --set apply to training run directories, not to an HF Ouro folder")
+        from loopjax.convert import load_ouro
+
+        model = load_ouro(path, dtype="float32")
+        return model, min(512, model.cfg.max_seq_len), None
+    raise FileNotFoundError(f"eval {path}: neither a training run directory (checkpoints/config.json) nor an HF "
+                            "Ouro folder (config.json)")
+
+
+def cmd_eval_depth(args) -> int:
+    from loopjax.data.tokens import PackedTokenSource, read_manifest
+    from loopjax.halting import QExit, validate_exit_rule
+    from loopjax.train.depth_eval import depth_table, evaluate_by_depth, rows_to_batches
+
+    if args.workdir is not None:
+        raise ValueError("--workdir: not used with --data (give the run directory or Ouro folder as the argument)")
+    manifest = read_manifest(args.data)
+    model, seq_len, step = _eval_model(args)
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    if vocab > model.cfg.vocab_size:
+        raise ValueError(f"--data {args.data}: its tokenizer has {vocab} ids, more than the model's vocab_size "
+                         f"{model.cfg.vocab_size}")
+    seq_len = args.seq_len or seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len}: must be <= the model's max_seq_len {model.cfg.max_seq_len}")
+    rule = getattr(args, "exit_rule", "default")
+    if rule == "default":
+        rule = QExit(0.5) if model.cfg.exit_gate else None
+    if rule is not None:
+        try:
+            validate_exit_rule(rule, model.cfg.n_loops, model.cfg.exit_gate)
+        except ValueError as err:
+            raise ValueError(f"--exit-rule: {err}") from None
+    source = PackedTokenSource(args.data, seq_len, split=args.split)
+    result = evaluate_by_depth(model, rows_to_batches(source, args.batch_size, max_tokens=args.max_tokens),
+                               exit_rule=rule)
+    result.update({"step": step, "data": args.data, "split": args.split, "seq_len": seq_len})
+    print(depth_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
-            "analyze": cmd_analyze}
+            "analyze": cmd_analyze, "data": cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,11 +40,12 @@ def ensure_absl_flags_parsed() -> None:
 def make_pipeline(source, *, batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
                   process_index: int | None = None, process_count: int | None = None, worker_count: int = 0,
                   drop_remainder: bool = True, worker_buffer_size: int = 1) -> Any:
-    """A grain ``IterDataset`` of batches {"inputs", "targets": int32 [B, S], "mask": float32 [B, S]}.
+    """A grain ``IterDataset`` of batches {"inputs", "targets": int32 [B, S], "mask": float32 [B, S]} (the loss
+    mask, 1 = counted), plus "segment_ids", "positions": int32 [B, S] from a packed source (``PackedTokenSource``).
 
     Args:
-      source: a random-access source (``__len__``, ``__getitem__``), e.g. ``Task.source(...)`` or
-        ``ByteTextSource``.
+      source: a random-access source (``__len__``, ``__getitem__``), e.g. ``Task.source(...)``,
+        ``ByteTextSource`` or ``PackedTokenSource``.
       batch_size: rows per batch *on this process* (the global batch is ``batch_size * process_count``).
       seed: shuffle seed; epoch e uses a seed derived from (seed, e).
       shuffle: False keeps source order (evaluation).

@@ -15,20 +15,26 @@ import difflib
 import importlib
 import importlib.util
 import os
+import warnings
 from typing import Any, Callable, Iterable
 
 from loopjax.config import LoopedConfig, TrainConfig, _check_choice, _check_float, _check_int, _fail
 
-DATA_SOURCES = ("text", "phop", "addition", "igsm")
+DATA_SOURCES = ("text", "tokens", "phop", "addition", "igsm")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where batches come from.
 
-    source: "text" (byte-level LM over local files: ``paths``) or a synthetic task "phop", "addition", "igsm"
-      (``task`` holds the task dataclass's keyword arguments; its ``seq_len`` defaults to ``train.seq_len``).
+    source: "text" (byte-level LM over local files: ``paths``), "tokens" (a corpus folder made by
+      ``loopjax data prepare``: ``prepared``; packed rows with segment ids, positions and a loss mask, evaluated on
+      its "val" split) or a synthetic task "phop", "addition", "igsm" (``task`` holds the task dataclass's keyword
+      arguments; its ``seq_len`` defaults to ``train.seq_len``).
     paths: text files, directories or glob patterns (source "text").
+    prepared: a prepared corpus folder (source "tokens").
+    packing: source "tokens": "concat" (concat then split, no padding) or "first_fit" (documents up to a row
+      long kept whole, rows padded; ``loopjax.data.tokens.first_fit_plan``).
     eval_fraction: text: the last fraction of windows is held out for evaluation.
     eval_seed: tasks: the seed of the held-out example stream (training uses ``train.seed``).
     worker_count: grain worker processes (0 = in-process).
@@ -36,6 +42,8 @@ class DataConfig:
 
     source: str = "text"
     paths: tuple[str, ...] = ()
+    prepared: str = ""
+    packing: str = "concat"
     eval_fraction: float = 0.01
     task: dict = dataclasses.field(default_factory=dict)
     eval_seed: int = 1_000_003
@@ -47,6 +55,11 @@ class DataConfig:
             _fail("paths", self.paths, "a tuple of path strings")
         if self.source == "text" and not self.paths:
             _fail("paths", self.paths, "non-empty for source='text' (files, directories or globs)")
+        if not isinstance(self.prepared, str):
+            _fail("prepared", self.prepared, "a path string")
+        _check_choice("packing", self.packing, ("concat", "first_fit"))
+        if self.source == "tokens" and not self.prepared:
+            _fail("prepared", self.prepared, "a folder made by `loopjax data prepare` for source='tokens'")
         _check_float("eval_fraction", self.eval_fraction, 0.0, 0.5)
         if not isinstance(self.task, dict):
             _fail("task", self.task, "a dict of the task's keyword arguments")
@@ -221,6 +234,22 @@ def build_data(exp: Experiment) -> tuple[Any, Callable[[], Iterable[dict]]]:
         train_src = ByteTextSource(dcfg.paths, tcfg.seq_len, fraction=(0.0, split))
         eval_src = ByteTextSource(dcfg.paths, tcfg.seq_len, fraction=(split, 1.0)) if dcfg.eval_fraction else None
         vocab = train_src.vocab_size
+    elif dcfg.source == "tokens":
+        from loopjax.data.tokens import PackedTokenSource, read_manifest
+
+        manifest = read_manifest(dcfg.prepared)
+        vocab = int(manifest["tokenizer"]["vocab_size"])
+        if vocab > exp.model.vocab_size:  # checked before opening any shard or tracing anything
+            raise ValueError(f"model.vocab_size={exp.model.vocab_size}: smaller than the vocabulary of "
+                             f"{dcfg.prepared} ({vocab} ids, tokenizer {manifest['tokenizer']['sha256'][:12]})")
+        train_src = PackedTokenSource(dcfg.prepared, tcfg.seq_len, split="train", packing=dcfg.packing)
+        val_rows = max(manifest["splits"]["val"]["tokens"] - 1, 0) // tcfg.seq_len
+        eval_src = (PackedTokenSource(dcfg.prepared, tcfg.seq_len, split="val", packing=dcfg.packing)
+                    if val_rows >= local else None)
+        if eval_src is None and tcfg.eval_every:
+            warnings.warn(f"data.prepared={dcfg.prepared}: its val split has {val_rows} rows of {tcfg.seq_len}, "
+                          f"fewer than one batch of {local}; no evaluation (prepare with a larger --val-fraction)",
+                          stacklevel=2)
     else:
         task = _task(exp)
         if task.length != tcfg.seq_len:
