@@ -300,6 +300,7 @@ def worker(job: dict) -> dict:
         m = compiled.memory_analysis()
         out.update(compile_s=seconds, argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
                    alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
+                   peak=getattr(m, "peak_memory_in_bytes", 0), host_temp=getattr(m, "host_temp_size_in_bytes", 0),
                    census=hlo_census(compiled.as_text()), raw_cost=_cost(compiled))
         return out
     out["calibrated_peak"] = _calibrated_peak(devices)
@@ -389,6 +390,7 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
         "remat_scope": getattr(model, "remat_scope", None), "attention_impl": getattr(model, "attention_impl", None),
         "per_chip_total_gib": total / GIB, "argument_gib": real["argument"] / GIB,
         "output_gib": real["output"] / GIB, "alias_gib": real["alias"] / GIB, "temp_gib": real["temp"] / GIB,
+        "xla_peak_gib": real["peak"] / GIB, "host_temp_gib": real["host_temp"] / GIB,
         "hbm_gib": chip.hbm_gib, "fits": total <= chip.hbm_gib * GIB, "headroom_frac": 1.0 - total / (chip.hbm_gib * GIB),
         "compile_s": real["compile_s"], "model_tflop_per_step": model_flops / 1e12,
         "analytic_tflop_per_chip": model_flops / chips / 1e12, "peak_tflops_per_chip": chip.peak_flops / 1e12,
@@ -432,7 +434,8 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
     return report
 
 
-TABLE_COLUMNS = (("topology", "topology", "{}"), ("chips", "chips", "{}"), ("remat", "remat_policy", "{}"),
+TABLE_COLUMNS = (("topology", "topology", "{}"), ("chips", "chips", "{}"), ("attention", "attention_impl", "{}"),
+                 ("remat", "remat_policy", "{}"), ("scope", "remat_scope", "{}"),
                  ("seq", "seq", "{}"), ("batch", "global_batch", "{}"), ("total GiB", "per_chip_total_gib", "{:.2f}"),
                  ("temp GiB", "temp_gib", "{:.2f}"), ("HBM GiB", "hbm_gib", "{:.0f}"), ("fits", "fits", "{}"),
                  ("headroom", "headroom_frac", "{:.0%}"), ("TFLOP/chip", "xla_tflop_per_chip", "{:.1f}"),
@@ -507,7 +510,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
             row = analyze(AotTarget(model, target.train), args.topology, args.num_slices, args.cost, log=log)
             row["config"] = args.config
             rows.append(row)
-        print(format_table(rows, extra=(("scope", "remat_scope", "{}"),)))
+        print(format_table(rows))
         ok = [r for r in rows if r["headroom_frac"] >= HEADROOM and r.get("est_mfu") is not None]
         best = max(ok, key=lambda r: r["est_mfu"]) if ok else None
         if best is None:
