@@ -69,8 +69,8 @@ HEADROOM = 0.2  # --sweep-remat recommends the fastest policy leaving this fract
 _KERNEL_UNITS = {"fwd": 2, "dq": 3, "dkv": 4}  # matmul units per splash kernel call (see module docstring)
 _SPLASH_RE = re.compile(r"splash_m[hq]a_(fwd|dq|dkv)")
 _WHILE_RE = re.compile(r"[\])}]\s+while\(")
-INSTALL_HINT = ("libtpu is not installed: install the TPU extra with `pip install -e '.[tpu]'` (from the loopjax "
-                "checkout), or `pip install \"jax[tpu]=={jax}\"`")
+INSTALL_HINT = ("install the TPU extra with `pip install -e '.[tpu]'` (from the loopjax checkout), or "
+                "`pip install \"jax[tpu]=={jax}\"`")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,7 @@ def libtpu_problem() -> str | None:
     import jax
 
     if importlib.util.find_spec("libtpu") is None:
-        return INSTALL_HINT.format(jax=jax.__version__)
+        return "libtpu is not installed: " + INSTALL_HINT.format(jax=jax.__version__)
     try:
         have = md.version("libtpu")
         want = [r.split(";")[0].split("==")[1].strip() for r in (md.requires("jax") or [])
@@ -173,7 +173,7 @@ def libtpu_problem() -> str | None:
     except md.PackageNotFoundError:
         return None
     if want and not _version_matches(have, want[0]):
-        return (f"libtpu {have} does not match jax {jax.__version__} (wants libtpu=={want[0]}): "
+        return (f"libtpu {have} does not match jax {jax.__version__} (which wants libtpu=={want[0]}): "
                 + INSTALL_HINT.format(jax=jax.__version__))
     return None
 
