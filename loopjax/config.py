@@ -12,7 +12,9 @@ from typing import Any
 
 NORM_SCHEMES = ("pre", "sandwich")
 INJECTIONS = ("none", "add", "concat")
-REMAT_POLICIES = ("none", "full", "save_dots", "minimal", "save_qkv")
+REMAT_POLICIES = ("none", "full", "save_dots", "minimal", "save_qkv", "save_dots_offload", "offload")
+REMAT_SCOPES = ("loop", "layer", "both")
+ATTENTION_IMPLS = ("auto", "reference", "chunked", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -74,9 +76,20 @@ class LoopedConfig:
       tie_embeddings: share the token embedding with the LM head.
       sliding_window: attention window in tokens (None = full causal attention); applies to every layer.
       param_dtype / compute_dtype: "float32", "bfloat16" or "float16".
-      remat_policy: rematerialisation of each loop iteration: "none", "full" (save nothing), "save_dots" (save
-        all matmul outputs), "minimal" (save matmuls without batch dims: projections and MLP, not attention
-        scores), "save_qkv" (save only the q/k/v projections, by their checkpoint names).
+      remat_policy: what a rematerialised function keeps for its backward: "none" (no remat at all), "full"
+        (save nothing), "save_dots" (save all matmul outputs), "minimal" (save matmuls without batch dims:
+        projections and MLP, not attention scores), "save_qkv" (save only the q/k/v projections, by their
+        checkpoint names), "save_dots_offload" (as "minimal", with the layer inputs moved to host memory),
+        "offload" (save nothing on the device; move each layer's and loop's input state to pinned host
+        memory instead of keeping it in HBM).
+      remat_scope: where ``jax.checkpoint`` goes: "loop" (around each loop iteration: its backward holds all k
+        layers' internals at once), "layer" (around each layer inside each loop: the scan keeps the k layer
+        inputs of every loop, a layer's backward holds one layer's internals), "both" (nested: the scan keeps one
+        state per loop; the loop's backward recomputes it holding only the k layer inputs, and each layer's
+        backward one layer's internals).
+      attention_impl: the attention backend (``loopjax.attention``): "auto" (splash on TPU, cuDNN on GPU,
+        chunked elsewhere), "reference", "chunked", "splash", "cudnn".
+      attention_interpret: run Pallas attention kernels in interpret mode (testing splash on a CPU).
       scan_unroll: iterations per scan step passed to ``lax.scan(unroll=...)``; True unrolls fully.
       exit_gate: build the Ouro exit gate Linear(d_model, 1) read after every loop.
       init_std: stddev of the normal init of weight matrices.
@@ -103,6 +116,9 @@ class LoopedConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "full"
+    remat_scope: str = "loop"
+    attention_impl: str = "auto"
+    attention_interpret: bool = False
     scan_unroll: int | bool = 1
     exit_gate: bool = True
     init_std: float = 0.02
@@ -143,6 +159,10 @@ class LoopedConfig:
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("compute_dtype", self.compute_dtype, DTYPES)
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("remat_scope", self.remat_scope, REMAT_SCOPES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if not isinstance(self.attention_interpret, bool):
+            _fail("attention_interpret", self.attention_interpret, "a bool")
         if not isinstance(self.scan_unroll, bool):
             _check_int("scan_unroll", self.scan_unroll, 1)
         if not isinstance(self.exit_gate, bool):

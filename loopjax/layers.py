@@ -17,6 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
+from loopjax.attention import TokenLayout, attend, attention_probs, visible_mask
 from loopjax.config import LoopedConfig
 
 # checkpoint_name tags of the ``dense`` outputs inside the looped core (what the dot-saving remat policies keep).
@@ -122,26 +123,16 @@ def apply_rope(x_BSNH: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array) -> jax
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(q_pos_BS: jax.Array, k_pos_BT: jax.Array, k_valid_BT: jax.Array | None = None,
-                   window: int | None = None) -> jax.Array:
-    """Boolean [B, S, T]: key t is visible to query s (causal by position, inside the window, not padding)."""
-    q = q_pos_BS[:, :, None]
-    k = k_pos_BT[:, None, :]
-    mask = k <= q
-    if window is not None:
-        mask &= (q - k) < window
-    if k_valid_BT is not None:
-        mask &= k_valid_BT[:, None, :].astype(bool)
-    return mask
-
-
 class Attention(nnx.Module):
-    """Causal grouped-query attention without biases; optional sliding window via the mask."""
+    """Grouped-query attention without biases: projections and rotary here, the softmax through the
+    ``loopjax.attention`` seam (backend ``cfg.attention_impl``; causal, sliding window and segments from the
+    ``TokenLayout``)."""
 
     def __init__(self, cfg: LoopedConfig, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
         self.n_heads, self.n_kv_heads, self.head_dim = n, k, h
         self.compute_dtype = dtype(cfg.compute_dtype)
+        self.impl, self.interpret, self.sliding_window = cfg.attention_impl, cfg.attention_interpret, cfg.sliding_window
         std, pd = cfg.init_std, cfg.param_dtype
         self.wq = make_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, pd)
         self.wk = make_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pd)
@@ -162,28 +153,24 @@ class Attention(nnx.Module):
         v = checkpoint_name(proj(self.wv[...]), "value_proj")
         return apply_rope(q, cos_BSh, sin_BSh), apply_rope(k, cos_BSh, sin_BSh), v
 
-    def probs(self, q_BSNH: jax.Array, k_BTKH: jax.Array, mask_BST: jax.Array) -> jax.Array:
-        """Attention probabilities [B, K, G, S, T], float32; query head j is (kv head j // G, group j % G)."""
-        b, s, n, h = q_BSNH.shape
-        kv = k_BTKH.shape[2]
-        q = q_BSNH.reshape(b, s, kv, n // kv, h)
-        scores = jnp.einsum("bskgh,btkh->bkgst", q, k_BTKH, preferred_element_type=jnp.float32)
-        scores = scores * (h ** -0.5)
-        big_neg = jnp.finfo(jnp.float32).min
-        scores = jnp.where(mask_BST[:, None, None, :, :], scores, big_neg)
-        return jax.nn.softmax(scores, axis=-1)
+    def probs(self, q_BSNH: jax.Array, k_BSKH: jax.Array, layout: TokenLayout) -> jax.Array:
+        """Attention probabilities [B, K, G, S, S], float32 (the reference backend's; for analysis)."""
+        pos, seg = layout.positions_BS, layout.segment_ids_BS
+        vis = visible_mask(pos, pos, seg, seg, self.sliding_window)
+        return attention_probs(q_BSNH, k_BSKH, vis, self.head_dim ** -0.5)
 
-    def attend(self, q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, mask_BST: jax.Array) -> jax.Array:
-        """Softmax attention (float32 scores) of q over k/v, then the output projection: [B, S, D]."""
+    def attend(self, q_BSNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, layout: TokenLayout) -> jax.Array:
+        """Self-attention of the chunk through the seam, then the output projection: [B, S, D]."""
         b, s, n, h = q_BSNH.shape
-        probs = self.probs(q_BSNH, k_BTKH, mask_BST).astype(v_BTKH.dtype)
-        out = jnp.einsum("bkgst,btkh->bskgh", probs, v_BTKH).reshape(b, s, n, h)
+        pos, seg = layout.positions_BS, layout.segment_ids_BS
+        out = attend(q_BSNH, k_BSKH, v_BSKH, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+                     sliding_window=self.sliding_window, impl=self.impl, interpret=self.interpret)
         out = dense(out.reshape(b, s, n * h), self.wo[...].astype(out.dtype).reshape(n * h, -1))
         return checkpoint_name(out, "attn_out")
 
-    def __call__(self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array) -> jax.Array:
+    def __call__(self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout) -> jax.Array:
         q, k, v = self.project(x_BSD, cos_BSh, sin_BSh)
-        return self.attend(q, k, v, mask_BSS)
+        return self.attend(q, k, v, layout)
 
 
 class MLP(nnx.Module):
@@ -234,6 +221,6 @@ class DecoderLayer(nnx.Module):
             y = self.norm_post2(y)
         return h_BSD + y.astype(h_BSD.dtype)
 
-    def __call__(self, h_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array) -> jax.Array:
-        h_BSD = self.attn_residual(h_BSD, self.attn(self.norm_in(h_BSD), cos_BSh, sin_BSh, mask_BSS))
+    def __call__(self, h_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout) -> jax.Array:
+        h_BSD = self.attn_residual(h_BSD, self.attn(self.norm_in(h_BSD), cos_BSh, sin_BSh, layout))
         return self.mlp_residual(h_BSD)

@@ -2,8 +2,9 @@
 
 What is shared and what is per iteration: the core's parameters (its k layers, the step norm, the exit gate,
 the injection adapter) are the same object in every iteration and are closed over by the scan body; only the
-hidden state h [B, S, D] is carried. Each iteration is wrapped in ``jax.checkpoint`` with the configured
-named policy, so activation memory, parameter count and compile time do not grow with the loop count.
+hidden state h [B, S, D] is carried. Each iteration, each layer inside it, or both (``remat_scope``) is wrapped
+in ``jax.checkpoint`` with the configured named policy, so activation memory, parameter count and compile time
+do not grow with the loop count.
 """
 
 from __future__ import annotations
@@ -16,11 +17,23 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from loopjax.attention import TokenLayout
 from loopjax.config import LoopedConfig
 from loopjax.layers import DENSE_OUTPUT_NAMES, DecoderLayer, RMSNorm, dense, dtype, make_param
 from loopjax.partitioning import ACTIVATION_BSD, with_logical_constraint
 
 _CKPT = jax.checkpoint_policies
+# checkpoint_name tags of the state entering each loop iteration and each core layer (what offload policies
+# move to host memory).
+LOOP_STATE, LAYER_INPUT = "loop_state", "layer_input"
+
+
+def _offload(*names: str, saved: tuple[str, ...] = ()) -> Callable:
+    return _CKPT.save_and_offload_only_these_names(names_which_can_be_saved=list(saved),
+                                                   names_which_can_be_offloaded=list(names),
+                                                   offload_src="device", offload_dst="pinned_host")
+
+
 # The layers' projections run through ``dense`` (a custom_jvp, whose dot the dot-based policies do not see), so
 # the dot policies also save them by their checkpoint names.
 _SAVE_DENSE = _CKPT.save_only_these_names(*DENSE_OUTPUT_NAMES)
@@ -30,15 +43,39 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "save_dots": _CKPT.save_from_both_policies(_CKPT.checkpoint_dots, _SAVE_DENSE),
     "minimal": _CKPT.save_from_both_policies(_CKPT.dots_with_no_batch_dims_saveable, _SAVE_DENSE),
     "save_qkv": _CKPT.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "save_dots_offload": _offload(LAYER_INPUT, LOOP_STATE, saved=DENSE_OUTPUT_NAMES),
+    "offload": _offload(LAYER_INPUT, LOOP_STATE),
 }
+# Under remat_scope="both" the loop-level checkpoint keeps nothing of the loop (its layers are checkpointed
+# themselves); offload policies still move the loop's input state to the host.
+_OUTER_OF_NESTED = {"save_dots_offload": _offload(LOOP_STATE), "offload": _offload(LOOP_STATE)}
 
 
-def remat(fn: Callable, policy_name: str, *, in_scan: bool) -> Callable:
-    """Wrap ``fn`` in ``jax.checkpoint`` under a named policy (identity for "none")."""
-    if policy_name == "none":
+def remat(fn: Callable, policy_name: str, *, in_scan: bool, scope: str = "loop") -> Callable:
+    """Wrap a loop iteration ``fn`` in ``jax.checkpoint`` under a named policy: identity for policy "none" or
+    scope "layer" (the layers are checkpointed instead, see ``remat_layer``)."""
+    if policy_name == "none" or scope == "layer":
         return fn
+    policy = REMAT_POLICIES[policy_name]
+    if scope == "both":
+        policy = _OUTER_OF_NESTED.get(policy_name, _CKPT.nothing_saveable)
     # Inside scan the loop already stops CSE across iterations, so prevent_cse would only cost speed.
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy_name], prevent_cse=not in_scan)
+    return jax.checkpoint(fn, policy=policy, prevent_cse=not in_scan)
+
+
+def remat_layer(layer: nnx.Module, policy_name: str, scope: str) -> Callable:
+    """``layer`` as a function of its inputs, checkpointed on its own when ``scope`` is "layer" or "both"."""
+    if policy_name == "none" or scope == "loop":
+        return layer
+    graphdef, state = nnx.split(layer)
+
+    def call(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    # Nested inside a checkpointed loop, CSE could merge the layer's recompute with the loop's and keep the whole
+    # loop's internals alive again.
+    fn = jax.checkpoint(call, policy=REMAT_POLICIES[policy_name], prevent_cse=scope == "both")
+    return lambda *args: fn(state, *args)
 
 
 class ExitGate(nnx.Module):
@@ -96,28 +133,30 @@ class LoopedCore(nnx.Module):
         return h_BSD
 
     def step(self, h_BSD: jax.Array, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
-             mask_BSS: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+             layout: TokenLayout) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """One loop: (new carried state, read-out state, gate logit [B, S] or None)."""
-        x = self.inject(h_BSD, e_BSD)
+        cfg = self.cfg
+        x = self.inject(checkpoint_name(h_BSD, LOOP_STATE), e_BSD)
         for layer in self.layers:
-            x = with_logical_constraint(layer(x, cos_BSh, sin_BSh, mask_BSS), ACTIVATION_BSD)
+            run = remat_layer(layer, cfg.remat_policy, cfg.remat_scope)
+            x = with_logical_constraint(run(checkpoint_name(x, LAYER_INPUT), cos_BSh, sin_BSh, layout), ACTIVATION_BSD)
         out = self.norm(x)
         new_h = out if self.cfg.step_norm else x
         gate = self.gate(out) if self.gate is not None else None
         return new_h, out, gate
 
-    def __call__(self, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array, *,
+    def __call__(self, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout, *,
                  n_loops: int, record_steps: bool = False, use_scan: bool = True) -> CoreOutput:
         """Run ``n_loops`` iterations from ``initial_state(e)``; ``use_scan=False`` is the unrolled Python loop."""
         graphdef, state = nnx.split(self)
 
-        def body(state, h, e, cos, sin, mask):
-            return nnx.merge(graphdef, state).step(h, e, cos, sin, mask)
+        def body(state, h, e, cos, sin, layout):
+            return nnx.merge(graphdef, state).step(h, e, cos, sin, layout)
 
-        body = remat(body, self.cfg.remat_policy, in_scan=use_scan)
+        body = remat(body, self.cfg.remat_policy, in_scan=use_scan, scope=self.cfg.remat_scope)
 
         def loop_fn(h, _):
-            h, out, gate = body(state, h, e_BSD, cos_BSh, sin_BSh, mask_BSS)
+            h, out, gate = body(state, h, e_BSD, cos_BSh, sin_BSh, layout)
             return h, (out if record_steps else None, gate)
 
         h0 = self.initial_state(e_BSD)

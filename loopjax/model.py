@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loopjax.config import LoopedConfig
 from loopjax import halting
+from loopjax.attention import TokenLayout, check_impl
+from loopjax.config import LoopedConfig
 from loopjax.halting import exit_distribution
-from loopjax.layers import DecoderLayer, RMSNorm, attention_mask, dense, dtype, make_param, rope_cos_sin
+from loopjax.layers import DecoderLayer, RMSNorm, dense, dtype, make_param, rope_cos_sin
 from loopjax.looped import LoopedCore, remat
 from loopjax.partitioning import ACTIVATION_BSD, LOGITS_BSV, LOGITS_TBSV, with_logical_constraint
 
@@ -72,38 +73,47 @@ class LoopedLM(nnx.Module):
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return dense(x_BSD, w.astype(x_BSD.dtype), jnp.float32)
 
-    def readout(self, out_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array) -> jax.Array:
+    def readout(self, out_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout) -> jax.Array:
         """Logits from a loop's read-out state: coda layers and their norm when present, then the head."""
-        return with_logical_constraint(self.head(self._coda(out_BSD, cos_BSh, sin_BSh, mask_BSS)), LOGITS_BSV)
+        return with_logical_constraint(self.head(self._coda(out_BSD, cos_BSh, sin_BSh, layout)), LOGITS_BSV)
 
     def step_readout(self, out_TBSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
-                     mask_BSS: jax.Array) -> jax.Array:
+                     layout: TokenLayout) -> jax.Array:
         """``readout`` of every loop's state, [T, B, S, V]; the head runs as one matmul over all T loops."""
         x = out_TBSD
         if self.coda:  # coda_norm exists only with coda layers
-            x = jax.vmap(lambda o: self._coda(o, cos_BSh, sin_BSh, mask_BSS))(x)
+            x = jax.vmap(lambda o: self._coda(o, cos_BSh, sin_BSh, layout))(x)
         return with_logical_constraint(self.head(x), LOGITS_TBSV)
 
-    def _coda(self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array) -> jax.Array:
+    def _coda(self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout) -> jax.Array:
         for layer in self.coda:
-            x_BSD = layer(x_BSD, cos_BSh, sin_BSh, mask_BSS)
+            x_BSD = layer(x_BSD, cos_BSh, sin_BSh, layout)
         return x_BSD if self.coda_norm is None else self.coda_norm(x_BSD)
 
-    def rope_and_mask(self, positions_BS: jax.Array, attention_mask_BS: jax.Array | None):
-        """Rotary tables (computed once per forward, shared by every loop) and the [B, S, S] visibility mask."""
+    def rope_and_layout(self, positions_BS: jax.Array, attention_mask_BS: jax.Array | None = None,
+                        segment_ids_BS: jax.Array | None = None) -> tuple[jax.Array, jax.Array, TokenLayout]:
+        """Rotary tables (computed once per forward, shared by every loop) and the ``TokenLayout`` attention reads
+        its masks from; padding (``attention_mask_BS`` 0) becomes a segment of its own (id -1)."""
         cos, sin = rope_cos_sin(positions_BS, self.cfg.d_head, self.cfg.rope_theta)
-        mask = attention_mask(positions_BS, positions_BS, attention_mask_BS, self.cfg.sliding_window)
-        return cos, sin, mask
+        if attention_mask_BS is not None:
+            seg = jnp.zeros(positions_BS.shape, jnp.int32) if segment_ids_BS is None else segment_ids_BS
+            segment_ids_BS = jnp.where(attention_mask_BS.astype(bool), seg.astype(jnp.int32), -1)
+        elif segment_ids_BS is not None:
+            segment_ids_BS = segment_ids_BS.astype(jnp.int32)
+        return cos, sin, TokenLayout(positions_BS.astype(jnp.int32), segment_ids_BS)
 
     def __call__(self, tokens_BS: jax.Array, *, n_loops: int | None = None, positions_BS: jax.Array | None = None,
-                 attention_mask_BS: jax.Array | None = None, return_steps: bool = False,
+                 segment_ids_BS: jax.Array | None = None, attention_mask_BS: jax.Array | None = None,
+                 return_steps: bool = False,
                  use_scan: bool = True, exit_rule=None, run_all_loops: bool = False, max_loops: int | None = None,
                  backprop_loops: int | None = None) -> LoopedOutput:
         """Run the model on int tokens [B, S].
 
         n_loops: loops to run (default ``cfg.n_loops``; any count >= 1, more than trained extrapolates).
-        positions_BS: token positions for rotary and causality (default 0..S-1 per row).
-        attention_mask_BS: 1 for real tokens, 0 for padding (keys at 0 are hidden from every query).
+        positions_BS: token positions for rotary and causality (default 0..S-1 per row; in packed rows they restart
+          at 0 at each document).
+        segment_ids_BS: int document ids of packed rows: a token attends only to earlier tokens of its segment.
+        attention_mask_BS: 1 for real tokens, 0 for padding (padding keys are hidden from every real token).
         return_steps: also return per-loop ``step_logits`` and ``step_hidden``.
         use_scan: False runs the loops as an unrolled Python loop (reference / benchmark path).
         exit_rule: a ``halting`` exit rule (``FixedExit``, ``QExit``, ``ACTExit``, ``ConvergenceExit``); runs at
@@ -132,23 +142,29 @@ class LoopedLM(nnx.Module):
         b, s = tokens_BS.shape
         if s > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {s}: must be <= max_seq_len={self.cfg.max_seq_len}")
+        for name, x in (("positions_BS", positions_BS), ("segment_ids_BS", segment_ids_BS),
+                        ("attention_mask_BS", attention_mask_BS)):
+            if x is not None and tuple(x.shape) != (b, s):
+                raise ValueError(f"{name}.shape={tuple(x.shape)}: must equal tokens_BS.shape={(b, s)}")
+        check_impl(self.cfg.attention_impl, head_dim=self.cfg.d_head, dtype=dtype(self.cfg.compute_dtype),
+                   interpret=self.cfg.attention_interpret)
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        cos, sin, mask = self.rope_and_mask(positions_BS, attention_mask_BS)
+        cos, sin, layout = self.rope_and_layout(positions_BS, attention_mask_BS, segment_ids_BS)
 
         e = with_logical_constraint(self.embed_tokens(tokens_BS), ACTIVATION_BSD)
         for layer in self.prelude:
-            e = layer(e, cos, sin, mask)
+            e = layer(e, cos, sin, layout)
         if exit_rule is not None or max_loops is not None:
-            return self._halting_call(e, cos, sin, mask, n_loops=n_loops, exit_rule=exit_rule,
+            return self._halting_call(e, cos, sin, layout, n_loops=n_loops, exit_rule=exit_rule,
                                       run_all_loops=run_all_loops, max_loops=max_loops,
                                       backprop_loops=backprop_loops, return_steps=return_steps)
-        core = self.core(e, cos, sin, mask, n_loops=n_loops, record_steps=return_steps, use_scan=use_scan)
+        core = self.core(e, cos, sin, layout, n_loops=n_loops, record_steps=return_steps, use_scan=use_scan)
 
-        logits = self.readout(core.out_BSD, cos, sin, mask)
+        logits = self.readout(core.out_BSD, cos, sin, layout)
         step_logits = None
         if return_steps:
-            step_logits = self.step_readout(core.step_out_TBSD, cos, sin, mask)
+            step_logits = self.step_readout(core.step_out_TBSD, cos, sin, layout)
         gate_BST = exit_pdf = None
         if core.gate_TBS is not None:
             gate_BST = jnp.moveaxis(core.gate_TBS, 0, -1)
@@ -156,15 +172,15 @@ class LoopedLM(nnx.Module):
         return LoopedOutput(logits=logits, hidden=core.out_BSD, step_logits=step_logits,
                             step_hidden=core.step_out_TBSD, gate_logits=gate_BST, exit_pdf=exit_pdf)
 
-    def _halting_call(self, e_BSD, cos_BSh, sin_BSh, mask_BSS, *, n_loops, exit_rule, run_all_loops, max_loops,
+    def _halting_call(self, e_BSD, cos_BSh, sin_BSh, layout, *, n_loops, exit_rule, run_all_loops, max_loops,
                       backprop_loops, return_steps) -> LoopedOutput:
         """Exit-rule and traced-loop-count calls: the core's step driven by a ``halting`` executor."""
         graphdef, state = nnx.split(self.core)
 
         def body(state, h):
-            return nnx.merge(graphdef, state).step(h, e_BSD, cos_BSh, sin_BSh, mask_BSS)
+            return nnx.merge(graphdef, state).step(h, e_BSD, cos_BSh, sin_BSh, layout)
 
-        scan_body = remat(body, self.cfg.remat_policy, in_scan=True)
+        scan_body = remat(body, self.cfg.remat_policy, in_scan=True, scope=self.cfg.remat_scope)
         h0 = self.core.initial_state(e_BSD)
         has_gate = self.core.gate is not None
         if max_loops is not None:
@@ -177,8 +193,8 @@ class LoopedLM(nnx.Module):
                                         record_steps=return_steps)
         step_logits = None
         if res.step_out_TBSD is not None:
-            step_logits = self.step_readout(res.step_out_TBSD, cos_BSh, sin_BSh, mask_BSS)
-        return LoopedOutput(logits=self.readout(res.out_BSD, cos_BSh, sin_BSh, mask_BSS), hidden=res.out_BSD,
+            step_logits = self.step_readout(res.step_out_TBSD, cos_BSh, sin_BSh, layout)
+        return LoopedOutput(logits=self.readout(res.out_BSD, cos_BSh, sin_BSh, layout), hidden=res.out_BSD,
                             step_logits=step_logits, step_hidden=res.step_out_TBSD, gate_logits=res.gate_BST,
                             exit_pdf=None if res.gate_BST is None else exit_distribution(res.gate_BST),
                             exit_step=res.exit_step_BS, n_iterations=res.n_iterations)

@@ -381,7 +381,7 @@ def test_frozen_token_exposes_its_frozen_state_to_later_attention():
     out = out[0](out[1], tokens)
 
     positions = jnp.broadcast_to(jnp.arange(s), (b, s))
-    cos, sin, mask = model.rope_and_mask(positions, None)
+    cos, sin, mask = model.rope_and_layout(positions)
     e = model.embed_tokens(tokens)
     h = model.core.initial_state(e)
     active = np.asarray(steps) > 0
@@ -529,7 +529,7 @@ def test_truncated_backprop_gradients_of_early_loops_are_zero():
         m = nnx.merge(graphdef, st)
         frozen = nnx.merge(graphdef, jax.lax.stop_gradient(st))
         s = tokens.shape[1]
-        cos, sin, mask = m.rope_and_mask(jnp.broadcast_to(jnp.arange(s), tokens.shape), None)
+        cos, sin, mask = m.rope_and_layout(jnp.broadcast_to(jnp.arange(s), tokens.shape))
         e = frozen.embed_tokens(tokens)
         h = frozen.core.initial_state(e)
         for _ in range(n - k):

@@ -1,5 +1,6 @@
 """The scanned, rematerialised core against an independent plain Python loop over the same shared layers."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,7 @@ def reference_logits(model: lj.LoopedLM, tokens_BS, n_loops):
     cfg, core = model.cfg, model.core
     b, s = tokens_BS.shape
     pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-    cos, sin, mask = model.rope_and_mask(pos, None)
+    cos, sin, mask = model.rope_and_layout(pos)
     e = model.embed[...][tokens_BS]
     for layer in model.prelude:
         e = layer(e, cos, sin, mask)
@@ -140,3 +141,33 @@ def test_loops_beyond_config_extrapolate_and_stay_finite():
     model = _model()
     out = model(_tokens(), n_loops=3 * model.cfg.n_loops)
     assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def _loss_and_grads(model, tokens):
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+        return _ce(nnx.merge(graphdef, p)(tokens).logits, tokens)
+
+    return jax.value_and_grad(loss)(params)
+
+
+# every policy under per-layer remat, every scope under the policies that differ most
+REMAT = ([(p, "layer") for p in ("full", "save_dots", "minimal", "save_qkv", "save_dots_offload", "offload")]
+         + [(p, s) for p in ("full", "save_dots", "offload") for s in ("loop", "both")])
+_REMAT_KW = dict(norm_scheme="sandwich", step_norm=True, n_loops=3)
+
+
+@functools.lru_cache(maxsize=1)
+def _no_remat_loss_and_grads():
+    return jax.jit(_loss_and_grads)(_model(remat_policy="none", **_REMAT_KW), _tokens(s=12))
+
+
+@pytest.mark.parametrize("policy,scope", REMAT)
+def test_every_remat_policy_and_scope_gives_the_no_remat_gradients(policy, scope):
+    want_loss, want = _no_remat_loss_and_grads()
+    model = _model(remat_policy=policy, remat_scope=scope, **_REMAT_KW)
+    got_loss, got = jax.jit(_loss_and_grads)(model, _tokens(s=12))
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), got, want)
+

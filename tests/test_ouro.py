@@ -95,7 +95,7 @@ def test_layer_outputs_and_step_states_match_reference(model, ref):
     """Each decoder layer at each loop step, run one by one in Python, against the reference's per-layer outputs."""
     ids = _ids(ref)
     b, s = ids.shape
-    cos, sin, mask = model.rope_and_mask(jnp.broadcast_to(jnp.arange(s), (b, s)), None)
+    cos, sin, mask = model.rope_and_layout(jnp.broadcast_to(jnp.arange(s), (b, s)))
     h = model.embed_tokens(ids)
     for t in range(model.cfg.n_loops):
         for l, layer in enumerate(model.core.layers):

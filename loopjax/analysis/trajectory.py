@@ -1,6 +1,6 @@
 """Record a looped model's trajectory: the residual stream after every core layer at every loop, and attention.
 
-The recorder re-runs the model's own submodules (``embed_tokens``, ``rope_and_mask``, prelude layers,
+The recorder re-runs the model's own submodules (``embed_tokens``, ``rope_and_layout``, prelude layers,
 ``core.inject``, each core layer's ``norm_in`` / ``attn.project`` / ``attn.attend`` / ``attn_residual`` /
 ``mlp_residual``, ``core.norm``, the step norm, ``core.gate``, ``readout``) in its own jitted ``lax.scan`` over
 loops, so the model's normal path is untouched and costs nothing extra when not recording. Attention
@@ -57,7 +57,7 @@ def _setup(model, tokens_BS, positions_BS, attention_mask_BS):
     b, s = tokens_BS.shape
     if positions_BS is None:
         positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    cos, sin, mask = model.rope_and_mask(positions_BS, attention_mask_BS)
+    cos, sin, mask = model.rope_and_layout(positions_BS, attention_mask_BS)
     e = model.embed_tokens(tokens_BS)
     for layer in model.prelude:
         e = layer(e, cos, sin, mask)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from loopjax.generate.cache import KVCache, constrain, fill_skipped_steps, write_slot, write_slot_rows
 from loopjax.halting import rule_fires
-from loopjax.layers import Attention, DecoderLayer, attention_mask, rope_cos_sin
+from loopjax.attention import TokenLayout, attend_cache_slot, visible_mask
+from loopjax.layers import Attention, DecoderLayer, rope_cos_sin
 
 
 @jax.tree_util.register_dataclass
@@ -34,36 +35,19 @@ class StepOutput:
     n_iterations: jax.Array
 
 
-def _layer_chunk(layer: DecoderLayer, x_BSD, cos, sin, mask_BSS):
+def _layer_chunk(layer: DecoderLayer, x_BSD, cos, sin, layout: TokenLayout):
     """A decoder layer over a whole chunk attending to itself; also returns its k and v [B, S, K, H]."""
     q, k, v = layer.attn.project(layer.norm_in(x_BSD), cos, sin)
-    x_BSD = layer.attn_residual(x_BSD, layer.attn.attend(q, k, v, mask_BSS))
+    x_BSD = layer.attn_residual(x_BSD, layer.attn.attend(q, k, v, layout))
     return layer.mlp_residual(x_BSD), k, v
 
 
-def attend_cached(attn: Attention, q_B1NH: jax.Array, k_XCH: jax.Array, v_XCH: jax.Array, mask_BC: jax.Array,
+def attend_cached(attn: Attention, q_B1NH: jax.Array, k_XCH: jax.Array, v_XCH: jax.Array, visible_BC: jax.Array,
                   own_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """``Attention.attend`` for one query per row over a cache slot [B·K, C, H] (entries where ``mask_BC``):
-    [B, 1, D]. ``own_kv``: the new token's key and value [B, 1, K, H] when the slot does not hold them yet.
-
-    Same math (float32 scores, query head j = (kv head j // G, group j % G)), written as dots with (row, kv head)
-    as their one batch axis, so they read the slot as stored; the heads come out flat [B, N*H] for the output
-    projection, so XLA inserts no transposed copies of the slot or of ``wo`` at any layer or loop step.
-    """
+    """``Attention.attend`` for one query per row over a cache slot (``attention.attend_cache_slot``), then the
+    output projection: [B, 1, D]."""
     b, _, n, h = q_B1NH.shape
-    kv = k_XCH.shape[0] // b
-    q = q_B1NH.reshape(b * kv, n // kv, h)
-    scale = h ** -0.5
-    scores = jnp.einsum("xgh,xch->xgc", q, k_XCH, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(jnp.repeat(mask_BC, kv, axis=0)[:, None, :], scores, jnp.finfo(jnp.float32).min)
-    if own_kv is None:
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_XCH.dtype)
-        out = jnp.einsum("xgc,xch->xgh", probs, v_XCH)
-    else:
-        k_X1H, v_X1H = (a.reshape(b * kv, 1, h) for a in own_kv)
-        own = jnp.einsum("xgh,xch->xgc", q, k_X1H, preferred_element_type=jnp.float32) * scale
-        probs = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1).astype(v_XCH.dtype)
-        out = jnp.einsum("xgc,xch->xgh", probs[..., :-1], v_XCH) + probs[..., -1:] * v_X1H.astype(v_XCH.dtype)
+    out = attend_cache_slot(q_B1NH, k_XCH, v_XCH, visible_BC, own_kv)
     return out.reshape(b, 1, n * h) @ attn.wo[...].reshape(n * h, -1).astype(out.dtype)
 
 
@@ -117,13 +101,12 @@ def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, 
     s = tokens_BS.shape[1]
     mask_BS = mask_BS.astype(bool)
     pos_BS = jnp.maximum(jnp.cumsum(mask_BS, axis=1) - 1, 0).astype(jnp.int32)
-    cos, sin = rope_cos_sin(pos_BS, cfg.d_head, cfg.rope_theta)
-    mask_BSS = attention_mask(pos_BS, pos_BS, mask_BS, cfg.sliding_window)
+    cos, sin, layout = model.rope_and_layout(pos_BS, mask_BS)  # padding: a segment of its own
 
     e = model.embed_tokens(tokens_BS)
     pk, pv = list(cache.prelude_k), list(cache.prelude_v)
     for i, layer in enumerate(model.prelude):
-        e, k, v = _layer_chunk(layer, e, cos, sin, mask_BSS)
+        e, k, v = _layer_chunk(layer, e, cos, sin, layout)
         pk[i], pv[i] = write_slot(pk[i], 0, k), write_slot(pv[i], 0, v)
 
     def step(carry, t):
@@ -131,7 +114,7 @@ def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, 
         x = core.inject(h, e)
         kv = []
         for layer in core.layers:
-            x, k, v = _layer_chunk(layer, x, cos, sin, mask_BSS)
+            x, k, v = _layer_chunk(layer, x, cos, sin, layout)
             kv.append((k, v))
         out = core.norm(x)
         new_h = out if cfg.step_norm else x
@@ -154,7 +137,7 @@ def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, 
     x = out_sel
     dk, dv = list(cache.coda_k), list(cache.coda_v)
     for i, layer in enumerate(model.coda):
-        x, k, v = _layer_chunk(layer, x, cos, sin, mask_BSS)
+        x, k, v = _layer_chunk(layer, x, cos, sin, layout)
         dk[i], dv[i] = write_slot(dk[i], 0, k), write_slot(dv[i], 0, v)
     x_last = x[:, -1]
     if model.coda_norm is not None:
@@ -187,7 +170,7 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
     positions_BC = jax.lax.dynamic_update_slice(cache.positions_BC, pos_B1, (0, idx))
     valid_BC = jax.lax.dynamic_update_slice(cache.valid_BC, jnp.ones_like(pos_B1, bool), (0, idx))
     cos, sin = rope_cos_sin(pos_B1, cfg.d_head, cfg.rope_theta)
-    mask_BC = attention_mask(pos_B1, positions_BC, valid_BC, cfg.sliding_window)[:, 0]
+    mask_BC = visible_mask(pos_B1, positions_BC, sliding_window=cfg.sliding_window, kv_valid_BT=valid_BC)[:, 0]
 
     b = tokens_B.shape[0]
     every_row = jnp.ones((b,), bool)
@@ -218,7 +201,8 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
              jnp.zeros((b, 1, n_loops), jnp.float32), jnp.asarray(0, jnp.int32))
     ck, cv = list(cache.core_k), list(cache.core_v)
     # adaptive steps attend to the entries cached before this token plus its own KV (``_layer_own_kv``)
-    mask_cached_BC = attention_mask(pos_B1, cache.positions_BC, cache.valid_BC, cfg.sliding_window)[:, 0]
+    mask_cached_BC = visible_mask(pos_B1, cache.positions_BC, sliding_window=cfg.sliding_window,
+                                  kv_valid_BT=cache.valid_BC)[:, 0]
     no_kv = tuple((jnp.zeros((b, 1, cfg.kv_heads, cfg.d_head), ck[0].dtype),) * 2 for _ in range(n_layers))
     for t in range(n_loops):
         slots_t = [_core_slot(kv_mode, n_layers, t, l) for l in range(n_layers)]

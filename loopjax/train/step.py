@@ -1,7 +1,8 @@
 """Pure, jittable steps: the objective on one batch, the train step (with gradient accumulation and the
 non-finite guard) and the evaluation step.
 
-Batches are dicts {"inputs": int32 [B, S], "targets": int32 [B, S], "mask": [B, S] optional (1 = counted)}.
+Batches are dicts {"inputs": int32 [B, S], "targets": int32 [B, S], "mask": [B, S] optional (the loss mask:
+1 = counted), "segment_ids", "positions": int32 [B, S] optional (packed documents; see ``LoopedLM``)}.
 """
 
 from __future__ import annotations
@@ -36,11 +37,18 @@ def token_weight(batch: Batch) -> jax.Array:
     return mask.astype(jnp.float32).sum()
 
 
-def _head_fn(model, tokens_BS: jax.Array) -> Callable[[jax.Array], jax.Array]:
-    b, s = tokens_BS.shape
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    cos, sin, mask = model.rope_and_mask(positions, None)
-    return lambda h_BSD: model.readout(h_BSD, cos, sin, mask)
+def layout_kwargs(batch: Batch) -> dict[str, jax.Array]:
+    """The model keywords a batch's packing carries (``positions_BS``, ``segment_ids_BS``), when present."""
+    return {f"{k}_BS": batch[k] for k in ("positions", "segment_ids") if batch.get(k) is not None}
+
+
+def _head_fn(model, batch: Batch) -> Callable[[jax.Array], jax.Array]:
+    b, s = batch["inputs"].shape
+    positions = batch.get("positions")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    cos, sin, layout = model.rope_and_layout(positions, None, batch.get("segment_ids"))
+    return lambda h_BSD: model.readout(h_BSD, cos, sin, layout)
 
 
 def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
@@ -50,17 +58,17 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
     metrics: Metrics = {}
     if hcfg.random_loops:
         kwargs = halting.loop_kwargs(hcfg, key)
-        out = model(inputs, **kwargs)
+        out = model(inputs, **kwargs, **layout_kwargs(batch))
         metrics["n_loops"] = kwargs["n_loops"].astype(jnp.float32)
     else:
-        out = model(inputs, return_steps=hcfg.objective != "final")
+        out = model(inputs, return_steps=hcfg.objective != "final", **layout_kwargs(batch))
     ce_final = masked_mean(halting.cross_entropy(out.logits, targets), mask)
     if hcfg.objective == "final":
         loss = ce_final
     else:
         loss = halting.halting_loss(hcfg, gate_BST=out.gate_logits, labels_BS=targets, mask_BS=mask,
                                     step_logits_TBSV=out.step_logits, step_hidden_TBSD=out.step_hidden,
-                                    head_fn=_head_fn(model, inputs), gate_fn=model.core.gate)
+                                    head_fn=_head_fn(model, batch), gate_fn=model.core.gate)
     total = loss
     if z_loss > 0:
         z = masked_mean(jnp.square(jax.nn.logsumexp(out.logits, axis=-1)), mask)
@@ -77,8 +85,8 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
 
 def loop_losses(model, batch: Batch, n_loops: int | None = None) -> jax.Array:
     """Masked-mean CE after every loop, float32 [T], from step states one [B, S, V] block at a time."""
-    out = model(batch["inputs"], n_loops=n_loops, return_steps=True)
-    ce_TBS = halting.chunked_step_cross_entropy(out.step_hidden, _head_fn(model, batch["inputs"]), batch["targets"])
+    out = model(batch["inputs"], n_loops=n_loops, return_steps=True, **layout_kwargs(batch))
+    ce_TBS = halting.chunked_step_cross_entropy(out.step_hidden, _head_fn(model, batch), batch["targets"])
     return jax.vmap(lambda ce: masked_mean(ce, batch.get("mask")))(ce_TBS)
 
 
@@ -151,7 +159,7 @@ def make_eval_step(graphdef: nnx.GraphDef, tcfg: TrainConfig, n_loops: int,
     def eval_step(params: nnx.State, batch: Batch) -> Metrics:
         model = nnx.merge(graphdef, params)
         _, metrics = objective_loss(model, batch, hcfg, 0.0, None)
-        logits = model(batch["inputs"]).logits
+        logits = model(batch["inputs"], **layout_kwargs(batch)).logits
         mask = batch.get("mask")
         right = jnp.argmax(logits, -1) == batch["targets"]
         metrics["accuracy"] = masked_mean(right.astype(jnp.float32), mask)

@@ -5,7 +5,8 @@ evaluates, checkpoints, and stops cleanly on SIGTERM / SIGINT.
                       workdir="runs/tiny")
     result = trainer.fit()          # resumes from workdir/checkpoints when a checkpoint is there
 
-``train_data`` yields dict batches {"inputs", "targets": int [B, S], "mask": [B, S] optional} holding this
+``train_data`` yields dict batches {"inputs", "targets": int [B, S], "mask" (loss mask), "segment_ids",
+"positions": [B, S] optional} holding this
 process's rows of the global batch; a grain ``DatasetIterator`` (anything with ``get_state`` / ``set_state``)
 is checkpointed with the model, so a resumed run sees exactly the batches the uninterrupted run would.
 """
@@ -163,7 +164,7 @@ class Trainer:
     def device_batch(self, batch: dict) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over the mesh's batch axes."""
         out = {}
-        for key in ("inputs", "targets", "mask"):
+        for key in ("inputs", "targets", "mask", "segment_ids", "positions"):
             if key in batch and batch[key] is not None:
                 x = np.asarray(batch[key], np.float32 if key == "mask" else np.int32)
                 out[key] = shd.shard_batch(x, self.mesh, self.rules)
