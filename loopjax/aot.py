@@ -14,8 +14,8 @@ How the numbers are made (each compile runs in a worker subprocess started with 
   the step has several (the scan over loops, the chunked objective's scan over loops, gradient accumulation, and
   the "windowed einsum" loops the TPU compiler makes of FSDP all-gather / reduce-scatter matmuls). So a second
   worker, with windowed einsum switched off in ``LIBTPU_INIT_ARGS``, compiles costing variants of the same step
-  with every ``lax.scan`` fully unrolled (``unrolled_scans``) for n_layers ∈ {1, 2} × n_loops ∈ {1, 2}, checks
-  their HLO holds no while loop, and fits each quantity as a + b·L + c·T + d·L·T (per-layer optimizer work ∝ L,
+  with every ``lax.scan`` fully unrolled and remat recompute kept from CSE (``costing_trace``) for
+  n_layers ∈ {1, 2} × n_loops ∈ {1, 2}, checks their HLO holds no while loop, and fits each quantity as a + b·L + c·T + d·L·T (per-layer optimizer work ∝ L,
   per-loop read-out ∝ T, layer work ∝ L·T), evaluated at the model's (L, T). ``cost_mode="full"`` compiles one
   unrolled variant at the model's own (L, T) instead (slow for big models; the tests compare the two).
 - **Pallas kernels** are custom calls XLA cannot cost. Splash attention kernels are found by name in the
@@ -188,24 +188,30 @@ def _version_matches(have: str, pattern: str) -> bool:
 # ------------------------------------------------------------------------------------------------ worker side
 
 @contextlib.contextmanager
-def unrolled_scans() -> Iterator[None]:
-    """While tracing inside, every ``lax.scan`` (and so ``lax.map`` and static ``fori_loop``) fully unrolls.
+def costing_trace() -> Iterator[None]:
+    """While tracing inside: every ``lax.scan`` (and so ``lax.map`` and static ``fori_loop``) fully unrolls, and
+    every ``jax.checkpoint`` prevents CSE.
 
-    Used only for costing variants: their HLO then has no while loop that ``cost_analysis`` would count once.
+    Used only for costing variants: their HLO then has no while loop that ``cost_analysis`` would count once,
+    and XLA cannot merge a remat recompute with the original forward now that no loop boundary separates them
+    (in the scanned program the forward and backward bodies are different while loops, so it never can).
     """
     import jax
     from jax._src.lax.control_flow import loops
 
-    original = loops.scan
+    scan0, checkpoint0 = loops.scan, jax.checkpoint
 
     def scan(f, init, xs=None, length=None, reverse=False, unroll=1, _split_transpose=False):
-        return original(f, init, xs, length, reverse=reverse, unroll=True, _split_transpose=_split_transpose)
+        return scan0(f, init, xs, length, reverse=reverse, unroll=True, _split_transpose=_split_transpose)
 
-    loops.scan, jax.lax.scan = scan, scan
+    def checkpoint(fun, *, prevent_cse=True, **kwargs):
+        return checkpoint0(fun, prevent_cse=True, **kwargs)
+
+    loops.scan, jax.lax.scan, jax.checkpoint = scan, scan, checkpoint
     try:
         yield
     finally:
-        loops.scan, jax.lax.scan = original, original
+        loops.scan, jax.lax.scan, jax.checkpoint = scan0, scan0, checkpoint0
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
@@ -243,7 +249,7 @@ def _compile(target: AotTarget, devices: list, unroll: bool) -> tuple[Any, float
                          f"grad_accum={tcfg.grad_accum}")
     state, batch = program.abstract_args(tcfg.batch_size, tcfg.seq_len)
     t0 = time.perf_counter()
-    with shd.use_rules(mesh, program.rules), (unrolled_scans() if unroll else contextlib.nullcontext()):
+    with shd.use_rules(mesh, program.rules), (costing_trace() if unroll else contextlib.nullcontext()):
         lowered = program.step.lower(state, batch)
     compiled = lowered.compile()
     return compiled, time.perf_counter() - t0
