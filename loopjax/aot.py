@@ -15,8 +15,9 @@ How the numbers are made (each compile runs in a worker subprocess started with 
   the "windowed einsum" loops the TPU compiler makes of FSDP all-gather / reduce-scatter matmuls). So a second
   worker, with windowed einsum switched off in ``LIBTPU_INIT_ARGS``, compiles costing variants of the same step
   with every ``lax.scan`` fully unrolled and remat recompute kept from CSE (``costing_trace``) for
-  n_layers ∈ {1, 2} × n_loops ∈ {1, 2}, checks their HLO holds no while loop, and fits each quantity as a + b·L + c·T + d·L·T (per-layer optimizer work ∝ L,
-  per-loop read-out ∝ T, layer work ∝ L·T), evaluated at the model's (L, T). ``cost_mode="full"`` compiles one
+  n_layers ∈ {1, 2} × n_loops ∈ {1, 2}, checks their HLO holds no while loop, and fits each quantity as
+  a + b·L + c·T + d·L·T (per-layer optimizer work ∝ L, per-loop read-out ∝ T, layer work ∝ L·T), evaluated at
+  the model's (L, T). ``cost_mode="full"`` compiles one
   unrolled variant at the model's own (L, T) instead (slow for big models; the tests compare the two).
 - **Pallas kernels** are custom calls XLA cannot cost. Splash attention kernels are found by name in the
   variants' HLO (``splash_mha_fwd`` / ``_dq`` / ``_dkv``), counted and fitted like the rest (so remat
