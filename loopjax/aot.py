@@ -487,6 +487,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None, help="e.g. fsdp=16 or data=2,fsdp=8[,rules=fsdp] (presets: fsdp=-1)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report (a list with --sweep-remat)")
     p.add_argument("--sweep-remat", action="store_true", help="compile every remat policy (and scope) and compare")
+    p.add_argument("--policies", default=None, metavar="P1,P2", help="--sweep-remat: only these remat policies")
     p.add_argument("--cost", choices=("fit", "full", "none"), default="fit",
                    help="fit: unrolled L∈{1,2}×T∈{1,2} variants, fitted (default); full: one fully unrolled "
                         "compile at the model's L, T; none: memory only")
@@ -513,7 +514,15 @@ def cmd_aot(args: argparse.Namespace) -> int:
         out: Any = report
     else:
         rows = []
-        for choice in remat_choices(target.model):
+        choices = remat_choices(target.model)
+        if args.policies:
+            wanted = [p.strip() for p in args.policies.split(",") if p.strip()]
+            known = {c["remat_policy"] for c in choices}
+            for name in wanted:
+                if name not in known:
+                    raise ValueError(f"--policies: {name!r} is not a remat policy; known: {sorted(known)}")
+            choices = [c for c in choices if c["remat_policy"] in wanted]
+        for choice in choices:
             model = target.model.replace(**choice)
             row = analyze(AotTarget(model, target.train), args.topology, args.num_slices, args.cost, log=log)
             row["config"] = args.config
