@@ -390,6 +390,8 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
     total = real["argument"] + real["output"] - real["alias"] + real["temp"]
     readouts = 1 if tcfg.objective.objective in ("final", "act") else model.n_loops
     model_flops = tcfg.batch_size * train_flops(model, tcfg.seq_len, readouts=readouts, causal=True)
+    say(f"memory per chip: {total / GIB:.2f} GiB of {chip.hbm_gib:.0f} (temp {real['temp'] / GIB:.2f} GiB), "
+        f"compiled in {real['compile_s']:.0f} s")
     report: dict[str, Any] = {
         "topology": topology, "num_slices": num_slices, "chips": chips, "chip_kind": real["chip_kind"],
         "mesh": dataclasses.asdict(tcfg.mesh), "seq": tcfg.seq_len, "global_batch": tcfg.batch_size,
