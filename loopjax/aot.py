@@ -421,7 +421,7 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
     fit = lambda key: fit_bilinear(vs, key, model.n_layers, model.n_loops)  # noqa: E731
     xla_flops, xla_seconds = fit("flops"), fit("optimal_seconds")
     calls = {k: max(fit(f"splash_{k}"), 0.0) for k in _KERNEL_UNITS}
-    units = dict(_KERNEL_UNITS, dkv=5 if calls["dq"] == 0 and calls["dkv"] > 0 else 4)
+    units = dict(_KERNEL_UNITS, dkv=5 if calls["dq"] < 0.5 <= calls["dkv"] else 4)  # fused dkv also computes dq
     unit_flops = (2.0 * attended_pairs(model, tcfg.seq_len, causal=True) * model.n_heads * model.d_head
                   * tcfg.batch_size / tcfg.grad_accum / chips)  # one kernel call covers a micro-batch's share
     kernel_flops = sum(calls[k] * units[k] * unit_flops for k in calls)
