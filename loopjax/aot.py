@@ -230,7 +230,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
     return list(desc.devices)
 
 
-def _compile(target: AotTarget, devices: list, unroll: bool) -> tuple[Any, float]:
+def _compile(target: AotTarget, devices: list, unroll: bool, packed: bool = False) -> tuple[Any, float]:
     import numpy as np
 
     from loopjax import sharding as shd
@@ -248,7 +248,7 @@ def _compile(target: AotTarget, devices: list, unroll: bool) -> tuple[Any, float
     if tcfg.batch_size % (shards * tcfg.grad_accum):
         raise ValueError(f"--batch={tcfg.batch_size}: must be a multiple of the mesh's {shards} batch shards times "
                          f"grad_accum={tcfg.grad_accum}")
-    state, batch = program.abstract_args(tcfg.batch_size, tcfg.seq_len)
+    state, batch = program.abstract_args(tcfg.batch_size, tcfg.seq_len, packed)
     t0 = time.perf_counter()
     with shd.use_rules(mesh, program.rules), (costing_trace() if unroll else contextlib.nullcontext()):
         lowered = program.step.lower(state, batch)
@@ -303,7 +303,7 @@ def worker(job: dict) -> dict:
     devices = topology_devices(job["topology"], job["num_slices"])
     out: dict[str, Any] = {"chips": len(devices), "chip_kind": devices[0].device_kind}
     if job["mode"] == "real":
-        compiled, seconds = _compile(target, devices, unroll=False)
+        compiled, seconds = _compile(target, devices, unroll=False, packed=job.get("packed", False))
         m = compiled.memory_analysis()
         out.update(compile_s=seconds, argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
                    alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
@@ -314,7 +314,8 @@ def worker(job: dict) -> dict:
     variants = []
     for n_layers, n_loops in job["variants"]:
         model = target.model.replace(n_layers=n_layers, n_loops=n_loops, scan_unroll=True)
-        compiled, seconds = _compile(AotTarget(model, target.train), devices, unroll=True)
+        compiled, seconds = _compile(AotTarget(model, target.train), devices, unroll=True,
+                                     packed=job.get("packed", False))
         variants.append({"n_layers": n_layers, "n_loops": n_loops, "compile_s": seconds, **_cost(compiled),
                          **hlo_census(compiled.as_text())})
         del compiled
@@ -366,12 +367,12 @@ def fit_bilinear(variants: list[dict], key: str, n_layers: int, n_loops: int) ->
     return float(coef @ np.array([1.0, n_layers, n_loops, n_layers * n_loops]))
 
 
-def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: str = "fit",
-            log=None) -> dict[str, Any]:
+def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: str = "fit", log=None,
+            packed: bool = False) -> dict[str, Any]:
     """Compile ``target`` for ``topology`` (real program + costing) and return the report dict (see module doc).
 
     cost_mode: "fit" (costing variants L ∈ {1, 2} × T ∈ {1, 2}, fitted), "full" (one unrolled variant at the
-    model's own L and T) or "none" (memory only).
+    model's own L and T) or "none" (memory only). packed: batches carry a loss mask, segment ids and positions.
     """
     from loopjax.flops import attended_pairs, train_flops
 
@@ -381,7 +382,7 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
     chip = TPU_CHIPS[gen]
     model, tcfg = target.model, target.train
     job = {"model": dataclasses.asdict(model), "train": dataclasses.asdict(tcfg), "topology": topology,
-           "num_slices": num_slices}
+           "num_slices": num_slices, "packed": packed}
     say = log or (lambda msg: None)
     say(f"compiling the train step for {topology} x{num_slices} (seq {tcfg.seq_len}, batch {tcfg.batch_size}, "
         f"remat {model.remat_policy})")
@@ -395,7 +396,7 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
     report: dict[str, Any] = {
         "topology": topology, "num_slices": num_slices, "chips": chips, "chip_kind": real["chip_kind"],
         "mesh": dataclasses.asdict(tcfg.mesh), "seq": tcfg.seq_len, "global_batch": tcfg.batch_size,
-        "grad_accum": tcfg.grad_accum, "remat_policy": model.remat_policy,
+        "grad_accum": tcfg.grad_accum, "packed": packed, "remat_policy": model.remat_policy,
         "remat_scope": getattr(model, "remat_scope", None), "attention_impl": getattr(model, "attention_impl", None),
         "per_chip_total_gib": total / GIB, "argument_gib": real["argument"] / GIB,
         "output_gib": real["output"] / GIB, "alias_gib": real["alias"] / GIB, "temp_gib": real["temp"] / GIB,
@@ -488,6 +489,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's; presets 16)")
     p.add_argument("--mesh", default=None, help="e.g. fsdp=16 or data=2,fsdp=8[,rules=fsdp] (presets: fsdp=-1)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report (a list with --sweep-remat)")
+    p.add_argument("--packed", action="store_true", help="batches of packed documents (mask, segment ids, "
+                   "positions), as prepared corpora give")
     p.add_argument("--sweep-remat", action="store_true", help="compile every remat policy (and scope) and compare")
     p.add_argument("--policies", default=None, metavar="P1,P2", help="--sweep-remat: only these remat policies")
     p.add_argument("--cost", choices=("fit", "full", "none"), default="fit",
@@ -508,7 +511,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
     target = resolve_target(args.config, seq=args.seq, batch=args.batch, mesh=mesh, overrides=args.overrides)
     log = lambda msg: print(f"loopjax aot: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if not args.sweep_remat:
-        report = analyze(target, args.topology, args.num_slices, args.cost, log=log)
+        report = analyze(target, args.topology, args.num_slices, args.cost, log=log, packed=args.packed)
         report["config"] = args.config
         print(format_table([report]))
         for w in report["warnings"]:
@@ -526,7 +529,8 @@ def cmd_aot(args: argparse.Namespace) -> int:
             choices = [c for c in choices if c["remat_policy"] in wanted]
         for choice in choices:
             model = target.model.replace(**choice)
-            row = analyze(AotTarget(model, target.train), args.topology, args.num_slices, args.cost, log=log)
+            row = analyze(AotTarget(model, target.train), args.topology, args.num_slices, args.cost, log=log,
+                          packed=args.packed)
             row["config"] = args.config
             rows.append(row)
         print(format_table(rows))

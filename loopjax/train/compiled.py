@@ -19,6 +19,7 @@ from loopjax.train.state import TrainState, abstract_target, model_graphdef, sta
 from loopjax.train.step import make_train_step
 
 BATCH_KEYS = ("inputs", "targets")  # what ``Trainer.device_batch`` passes for an unmasked token batch
+PACKED_KEYS = ("mask", "segment_ids", "positions")  # added by packed corpora (documents packed into rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +41,17 @@ class TrainProgram:
     mesh: Mesh
     rules: LogicalRules
 
-    def abstract_args(self, batch_size: int, seq_len: int) -> tuple[Any, dict[str, jax.ShapeDtypeStruct]]:
-        """(state, batch) as sharded ``jax.ShapeDtypeStruct``s: what ``step.lower`` takes for an AOT compile."""
+    def abstract_args(self, batch_size: int, seq_len: int,
+                      packed: bool = False) -> tuple[Any, dict[str, jax.ShapeDtypeStruct]]:
+        """(state, batch) as sharded ``jax.ShapeDtypeStruct``s: what ``step.lower`` takes for an AOT compile.
+
+        packed: the batch also carries a float32 loss mask, segment ids and positions (packed documents).
+        """
         state = abstract_target(self.abstract_state, self.state_shardings)
         rows = shd.batch_sharding(self.mesh, self.rules)
-        batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jax.numpy.int32, sharding=rows) for k in BATCH_KEYS}
+        keys = BATCH_KEYS + (PACKED_KEYS if packed else ())
+        batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jax.numpy.float32 if k == "mask" else
+                                         jax.numpy.int32, sharding=rows) for k in keys}
         return state, batch
 
 
