@@ -15,6 +15,8 @@
     loopjax analyze CHECKPOINT --task phop|addition|igsm|none --out DIR [--set task.KEY=VALUE ...] [--n-loops N]
         [--record-loops N] [--ouro] [--step N] [--examples N] [--seq-len N] [--seed S] [--power-iters N]
         [--q-grid 0.5,0.9] [--eps-grid 0.01,0.001]
+    loopjax aot CONFIG_OR_PRESET --topology v5p:2x2x4 [--num-slices N] [--seq S] [--batch B] [--mesh fsdp=16]
+        [--json PATH] [--sweep-remat] [--cost fit|full|none] [KEY=VALUE ...]   (TPU compile on a CPU host; .[tpu])
 
 CONFIG is a Python file defining ``get_config() -> Experiment``, a name under ``experiments/configs/``
 (``tiny_text``), or a module path. ``--set`` overrides any field by its dotted path (see
@@ -67,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--step", type=int, default=None)
     exp.add_argument("--source", default=None, help="HF folder supplying tokenizer files and non-architecture fields")
+    from loopjax.aot import add_arguments as aot_arguments
+
+    aot_arguments(sub.add_parser("aot", help="compile the train step for a TPU topology: memory, cost, est MFU"))
     return p
 
 
@@ -538,12 +543,23 @@ def cmd_eval_depth(args) -> int:
     return 0
 
 
+def cmd_aot(args) -> int:
+    from loopjax.aot import cmd_aot as run
+
+    return run(args)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
-            "analyze": cmd_analyze, "data": cmd_data}
+            "analyze": cmd_analyze, "data": cmd_data, "aot": cmd_aot}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `aot`'s KEY=VALUE overrides may follow its options, which argparse leaves over
+        if args.command != "aot" or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:

@@ -33,9 +33,9 @@ from loopjax.config import GATED_OBJECTIVES, LoopedConfig, TrainConfig
 from loopjax.flops import train_flops
 from loopjax.model import LoopedLM
 from loopjax.train.metrics import MetricWriter, Progress, device_peak_flops
-from loopjax.train.optim import make_optimizer
-from loopjax.train.state import TrainState, abstract_target, model_graphdef, state_builder
-from loopjax.train.step import loop_losses, make_eval_step, make_train_step
+from loopjax.train.compiled import build_train_step
+from loopjax.train.state import TrainState, abstract_target
+from loopjax.train.step import loop_losses, make_eval_step
 
 
 class NonFiniteError(FloatingPointError):
@@ -119,11 +119,9 @@ class Trainer:
         self.eval_data = eval_data
         self.on_step, self._progress_flag, self._tensorboard = on_step, progress, tensorboard
 
-        tx, schedule = make_optimizer(train_cfg)
-        self.graphdef = model_graphdef(model_cfg)
-        build = state_builder(model_cfg, tx, train_cfg.seed)
-        abstract = jax.eval_shape(build)
-        self.state_shardings = shd.param_shardings(abstract, self.mesh, self.rules)
+        program = build_train_step(model_cfg, train_cfg, self.mesh, self.rules)  # also what `loopjax aot` compiles
+        tx, build, abstract = program.tx, program.build, program.abstract_state
+        self.graphdef, self.state_shardings = program.graphdef, program.state_shardings
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
 
         self.checkpointer = None
@@ -145,8 +143,7 @@ class Trainer:
             self.state = jax.jit(build, out_shardings=self.state_shardings)()
         self._last_saved = self.resumed_from
 
-        self._train_step = jax.jit(make_train_step(self.graphdef, train_cfg, tx, schedule), donate_argnums=0,
-                                   out_shardings=(self.state_shardings, self._replicated))
+        self._train_step = program.step
         self._eval_step = jax.jit(make_eval_step(self.graphdef, train_cfg, model_cfg.n_loops,
                                                  train_cfg.log_loop_losses), out_shardings=self._replicated)
         graphdef = self.graphdef

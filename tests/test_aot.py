@@ -1,0 +1,77 @@
+"""``loopjax aot``: TPU compiles from this CPU host (needs the ``tpu`` extra, libtpu; skipped without it)."""
+
+import json
+
+import pytest
+
+from loopjax import aot
+from loopjax.cli import main
+
+NO_LIBTPU = aot.libtpu_problem()
+pytestmark = pytest.mark.skipif(NO_LIBTPU is not None, reason=f"needs libtpu: {NO_LIBTPU}")
+
+# Models small enough that each compile takes seconds. The CLI test uses seq 128, the shortest splash attention
+# takes, so attention_impl="auto" picks the Pallas kernel XLA cannot cost; the fit test (3 layers x 3 loops,
+# extrapolated from 1-2 x 1-2) keeps attention visible to XLA, as Mosaic-compiling 27 kernels would be slow.
+SMALL = ["model.d_model=64", "model.vocab_size=128", "model.d_ff=128"]
+SEQ = "128"
+HAS_SPLASH = "attention_impl" in {f.name for f in aot.dataclasses.fields(aot.LoopedConfig)}
+
+
+def test_cli_tiny_v5e_reports_memory_and_cost_above_analytic(tmp_path, capsys):
+    out = tmp_path / "aot.json"
+    code = main(["aot", "tiny", "--topology", "v5e:2x2", "--seq", SEQ, "--batch", "8", "--mesh", "fsdp=4",
+                 "--json", str(out), *SMALL, "model.n_layers=2", "model.n_loops=2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| v5e:2x2 | 4 |" in printed
+    r = json.loads(out.read_text())
+    for key in ("topology", "chips", "mesh", "seq", "global_batch", "per_chip_total_gib", "temp_gib", "argument_gib",
+                "hbm_gib", "fits", "headroom_frac", "compile_s", "model_tflop_per_step", "xla_tflop_per_chip",
+                "est_step_s", "est_mfu"):
+        assert key in r, key
+    assert (r["topology"], r["chips"], r["seq"], r["global_batch"], r["hbm_gib"]) == ("v5e:2x2", 4, 128, 8, 16.0)
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "rules": "fsdp"}
+    total = r["argument_gib"] + r["output_gib"] - r["alias_gib"] + r["temp_gib"]
+    assert r["per_chip_total_gib"] == pytest.approx(total) and 0 < total < r["hbm_gib"] and r["fits"]
+    # The real program scans (so XLA's raw count is low); the costed variants have no while loop left.
+    assert r["real_program"]["while_loops"] > 0
+    assert r["costing"]["while_loops_left"] == 0 and not r["warnings"]
+    if HAS_SPLASH:  # the kernels run once per layer and loop, forward (and again under remat) and backward
+        kernels = r["real_program"]["splash_kernels"]
+        assert kernels["fwd"] >= 1 and kernels["dq"] + kernels["dkv"] >= 1
+        calls = r["costing"]["kernel_calls_per_step"]
+        assert calls["fwd"] == pytest.approx(2 * 2 * 2, abs=0.01)  # remat "full" recomputes the forward
+        assert r["kernel_tflop_per_chip"] > 0
+    # Remat recompute and masked (dense) attention only add to the work a step must do.
+    assert r["xla_tflop_per_chip"] >= r["model_tflop_per_step"] / r["chips"]
+    assert r["xla_tflop_per_chip"] > r["real_program"]["raw_xla_tflop_per_chip"]
+    peak = r["peak_tflops_per_chip"] * 1e12
+    assert r["est_mfu"] == pytest.approx(r["model_tflop_per_step"] * 1e12 / (4 * peak * r["est_step_s"]))
+    assert 0 < r["est_mfu"] < 1
+
+
+def test_fitted_cost_matches_fully_unrolled_compile():
+    overrides = SMALL + ["model.n_layers=3", "model.n_loops=3"] + ["model.attention_impl=reference"] * HAS_SPLASH
+    target = aot.resolve_target("tiny", seq=32, batch=8, mesh=aot.parse_mesh("fsdp=4"), overrides=overrides)
+    job = {"model": aot.dataclasses.asdict(target.model), "train": aot.dataclasses.asdict(target.train),
+           "topology": "v5e:2x2", "num_slices": 1, "mode": "cost",
+           "variants": [list(v) for v in aot.COST_VARIANTS] + [[3, 3]]}
+    variants = aot.run_worker(job)["variants"]
+    full = variants[-1]
+    assert full["while"] == 0
+    for key in ("flops", "optimal_seconds"):
+        fitted = aot.fit_bilinear(variants[:-1], key, 3, 3)
+        assert fitted == pytest.approx(full[key], rel=0.10), key
+
+
+def test_bad_topology_and_mesh_name_the_flag(capsys):
+    assert main(["aot", "tiny", "--topology", "v9x:2x2"]) == 2
+    assert "--topology='v9x:2x2'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--topology"):
+        aot.parse_topology("v5p:2x2xq")
+    with pytest.raises(ValueError, match="--mesh"):
+        aot.parse_mesh("fsdp=4,pipeline=2")
+    assert main(["aot", "tiny", "--topology", "v5e:2x2", "--mesh", "fsdp=3", "--seq", SEQ]) == 2
+    err = capsys.readouterr().err
+    assert "--mesh" in err and "fsdp=3" in err and "4" in err
