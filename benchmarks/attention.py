@@ -19,8 +19,8 @@ import numpy as np
 
 from loopjax.attention.chunked import chunked_attention, default_blocks
 
-# Above this the reference is compiled but not run: its [B, K, G, S, T] buffers would not fit in RAM.
-REFERENCE_TEMP_LIMIT = 10 * 2**30
+# Above this the reference is compiled but not run: at S=8192 (8.0 GiB temp) it reached 15 GiB RSS and was OOM-killed.
+REFERENCE_TEMP_LIMIT = 8 * 2**30
 
 
 def reference(q_BSNH, k_BTKH, v_BTKH, *, q_positions_BS, kv_positions_BT):

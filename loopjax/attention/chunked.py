@@ -208,8 +208,9 @@ def _flash_bwd(cfg, res, dout_BKGSH):
         kpos_j, kseg_j = _slice(kpos_BT, j, cfg.bk, 1), _slice(kseg_BT, j, cfg.bk, 1)
 
         def q_step(i, carry):
-            def compute(carry):
-                dk, dv, dq = carry
+            dk, dv, dq = carry
+
+            def compute(dk, dv):
                 q_i, do_i = _slice(q_BKGSH, i, cfg.bq, 3), _slice(dout_BKGSH, i, cfg.bq, 3)
                 lse_i, delta_i = _slice(lse_BKGS, i, cfg.bq, 3), _slice(delta_BKGS, i, cfg.bq, 3)
                 vis = _mask(cfg, _slice(qpos_BS, i, cfg.bq, 1), kpos_j, _slice(qseg_BS, i, cfg.bq, 1),
@@ -221,11 +222,17 @@ def _flash_bwd(cfg, res, dout_BKGSH):
                 ds = p * (dp - delta_i[..., None]) * cfg.scale
                 dk = dk + jnp.einsum("bkgqc,bkgqh->bkch", ds.astype(q_i.dtype), q_i,
                                      preferred_element_type=jnp.float32)
-                dq_i = _slice(dq, i, cfg.bq, 3) + jnp.einsum(
-                    "bkgqc,bkch->bkgqh", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
-                return dk, dv, lax.dynamic_update_slice_in_dim(dq, dq_i, i * cfg.bq, 3)
+                dq_i = jnp.einsum("bkgqc,bkch->bkgqh", ds.astype(k_j.dtype), k_j,
+                                  preferred_element_type=jnp.float32)
+                return dk, dv, dq_i
 
-            return lax.cond(skip_QK[i, j], lambda c: c, compute, carry)
+            def skip(dk, dv):
+                return dk, dv, jnp.zeros((b, kh, g, cfg.bq, h), jnp.float32)
+
+            # The full dq stays out of the cond: a cond carrying it copies S·N·H floats per block.
+            dk, dv, dq_i = lax.cond(skip_QK[i, j], skip, compute, dk, dv)
+            dq_i = dq_i + _slice(dq, i, cfg.bq, 3)
+            return dk, dv, lax.dynamic_update_slice_in_dim(dq, dq_i, i * cfg.bq, 3)
 
         zeros = jnp.zeros((b, kh, cfg.bk, h), jnp.float32)
         dk, dv, dq_BKGSH = lax.fori_loop(0, nq, q_step, (zeros, zeros, dq_BKGSH))
