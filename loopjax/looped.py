@@ -72,9 +72,9 @@ def remat_layer(layer: nnx.Module, policy_name: str, scope: str) -> Callable:
     def call(state, *args):
         return nnx.merge(graphdef, state)(*args)
 
-    # Nested inside a checkpointed loop, CSE could merge the layer's recompute with the loop's and keep the whole
-    # loop's internals alive again.
-    fn = jax.checkpoint(call, policy=REMAT_POLICIES[policy_name], prevent_cse=scope == "both")
+    # The k layers are unrolled in one loop body: without the barrier XLA may schedule every layer's recompute
+    # ahead of the backward (or, nested, merge it with the loop's), holding all k layers' internals again.
+    fn = jax.checkpoint(call, policy=REMAT_POLICIES[policy_name], prevent_cse=True)
     return lambda *args: fn(state, *args)
 
 
