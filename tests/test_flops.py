@@ -44,3 +44,15 @@ def test_forward_flops_matches_xla_cost_analysis(kw):
     ours = lj.forward_flops(cfg, 64)
     # XLA also counts norms, softmax, rotary and activations: a little above the matmul count, never below
     assert ours <= cost["flops"] <= 1.03 * ours
+
+
+def test_causal_counts_only_the_kept_attention_pairs():
+    from loopjax.flops import attended_pairs, layer_flops
+
+    cfg = lj.tiny()
+    s, n, h = 64, cfg.n_heads, cfg.d_head
+    assert layer_flops(cfg, s) - layer_flops(cfg, s, causal=True) == 2 * 2 * (s * s / 2) * n * h
+    windowed = cfg.replace(sliding_window=16)
+    # query i sees min(i + 1, 16) keys; the count uses the continuous S·W − W²/2
+    assert attended_pairs(windowed, s, causal=True) == s * 16 - 16 * 16 / 2
+    assert lj.train_flops(cfg, s, causal=True) < lj.train_flops(cfg, s)
