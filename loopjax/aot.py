@@ -398,6 +398,8 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
         "mesh": dataclasses.asdict(tcfg.mesh), "seq": tcfg.seq_len, "global_batch": tcfg.batch_size,
         "grad_accum": tcfg.grad_accum, "packed": packed, "remat_policy": model.remat_policy,
         "remat_scope": getattr(model, "remat_scope", None), "attention_impl": getattr(model, "attention_impl", None),
+        "scan_layers": getattr(model, "scan_layers", None), "ce_block": getattr(tcfg.objective, "ce_block", None),
+        "tpu_scheduler_memory_percent": getattr(tcfg, "tpu_scheduler_memory_percent", None),
         "per_chip_total_gib": total / GIB, "argument_gib": real["argument"] / GIB,
         "output_gib": real["output"] / GIB, "alias_gib": real["alias"] / GIB, "temp_gib": real["temp"] / GIB,
         "xla_peak_gib": real["peak"] / GIB, "host_temp_gib": real["host_temp"] / GIB,

@@ -91,6 +91,10 @@ class LoopedConfig:
         chunked elsewhere), "reference", "chunked", "splash", "cudnn".
       attention_interpret: run Pallas attention kernels in interpret mode (testing splash on a CPU).
       scan_unroll: iterations per scan step passed to ``lax.scan(unroll=...)``; True unrolls fully.
+      scan_layers: run the k core layers of a loop as a ``lax.scan`` over their stacked parameters instead of k
+        unrolled calls (MaxText's scan_layers): compile time and the compiler's scheduling window stay one layer
+        wide, which keeps XLA from holding several layers' recompute and weights at once. Parameters stay one
+        module per layer (checkpoints and conversion unchanged); they are stacked once per forward.
       exit_gate: build the Ouro exit gate Linear(d_model, 1) read after every loop.
       init_std: stddev of the normal init of weight matrices.
     """
@@ -120,6 +124,7 @@ class LoopedConfig:
     attention_impl: str = "auto"
     attention_interpret: bool = False
     scan_unroll: int | bool = 1
+    scan_layers: bool = False
     exit_gate: bool = True
     init_std: float = 0.02
 
@@ -165,8 +170,9 @@ class LoopedConfig:
             _fail("attention_interpret", self.attention_interpret, "a bool")
         if not isinstance(self.scan_unroll, bool):
             _check_int("scan_unroll", self.scan_unroll, 1)
-        if not isinstance(self.exit_gate, bool):
-            _fail("exit_gate", self.exit_gate, "a bool")
+        for name in ("exit_gate", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "a bool")
         _check_float("init_std", self.init_std, 0.0)
 
     @property
@@ -194,7 +200,9 @@ def _ouro(n_layers: int, **overrides: Any) -> LoopedConfig:
     base = dict(vocab_size=49152, d_model=2048, n_heads=16, n_kv_heads=16, head_dim=128, d_ff=5632,
                 n_layers=n_layers, n_loops=4, max_seq_len=65536, norm_scheme="sandwich", step_norm=True,
                 input_injection="none", rope_theta=1e6, rms_eps=1e-6, tie_embeddings=False, exit_gate=True,
-                param_dtype="bfloat16", compute_dtype="bfloat16")
+                param_dtype="bfloat16", compute_dtype="bfloat16",
+                # training at scale: one layer's internals live in a backward, one layer in the scheduler's window
+                remat_scope="layer", scan_layers=True)
     base.update(overrides)
     return LoopedConfig(**base)
 
@@ -285,6 +293,9 @@ class HaltingConfig:
       gate_k, gate_gamma: slope (> 0) and improvement threshold (>= 0) of the stage II targets.
       chunked: compute per-step CE in a scan over loops from step states (one [B, S, V] block at a time)
         instead of from materialised [T, B, S, V] step logits.
+      ce_block: when the per-step CE comes from step states (``chunked``, "ouro_gate"), positions per logits
+        block: each loop's CE runs over blocks of this many positions, one [B, ce_block, V] block live at a
+        time (0 = the whole sequence); >= 0.
       random_loops: sample each step's loop count n ~ 1 + Poisson(LogNormal(log mean_loops − σ²/2, loops_sigma)),
         clipped to max_loops, run in one compiled scan of max_loops, backpropagating through the last
         backprop_loops iterations only.
@@ -298,6 +309,7 @@ class HaltingConfig:
     gate_k: float = 50.0
     gate_gamma: float = 0.005
     chunked: bool = False
+    ce_block: int = 1024
     random_loops: bool = False
     mean_loops: float = 4.0
     loops_sigma: float = 0.5
@@ -319,6 +331,7 @@ class HaltingConfig:
         for name in ("chunked", "random_loops"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "a bool")
+        _check_int("ce_block", self.ce_block, 0)
         _check_float("mean_loops", self.mean_loops, 0.0)
         _check_float("loops_sigma", self.loops_sigma, 0.0)
         _check_int("max_loops", self.max_loops, 1)
@@ -361,6 +374,10 @@ class TrainConfig:
         and every later one are not applied, and nothing is checkpointed after it); "skip" drops such updates
         and counts them.
       peak_flops: per-device peak FLOP/s for MFU (None = a table of known accelerators; MFU omitted if unknown).
+      tpu_scheduler_memory_percent: on TPU, the share of HBM (percent) above which XLA's latency-hiding
+        scheduler trades collective overlap for memory (libtpu's xla_tpu_scheduler_percent_shared_memory_limit;
+        0 = libtpu's default, which lets the step grow towards all of HBM). Lower it to leave HBM free for a
+        larger batch or a co-located process; ignored on CPU and GPU. In [0, 100].
     """
 
     steps: int = 1000
@@ -393,6 +410,7 @@ class TrainConfig:
     async_checkpointing: bool = True
     on_nonfinite: str = "error"
     peak_flops: float | None = None
+    tpu_scheduler_memory_percent: int = 0
 
     def __post_init__(self) -> None:
         _check_int("steps", self.steps, 1)
@@ -438,6 +456,7 @@ class TrainConfig:
         _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         if self.peak_flops is not None:
             _check_float("peak_flops", self.peak_flops, 0.0)
+        _check_int("tpu_scheduler_memory_percent", self.tpu_scheduler_memory_percent, 0, 100)
 
     def replace(self, **overrides: Any) -> TrainConfig:
         """A copy with some fields changed (validated; unknown names raise with near matches)."""

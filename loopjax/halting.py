@@ -29,8 +29,9 @@ the shared core, as ``LoopedCore.step`` with its other arguments bound) and neve
 Objectives take per-token CE per step, ``ce_TBS``, which comes either from step logits [T, B, S, V]
 (``step_cross_entropy``: logsumexp and a gather, fused, so no second [T, B, S, V] tensor in the forward pass;
 the backward pass holds one [T, B, S, V] gradient) or, for long sequences and large vocabularies, from step
-states and a head function (``chunked_step_cross_entropy``: a scan over T with each step rematerialised, so
-only one [B, S, V] logits block is live at a time and the backward pass saves just the [T, B, S, D] states).
+states and a head function (``chunked_step_cross_entropy``: a map over T and over blocks of positions with each
+block rematerialised, so only one [B, block, V] logits block is live at a time and the backward pass saves just
+the [T, B, S, D] states).
 """
 
 from __future__ import annotations
@@ -389,14 +390,48 @@ def step_cross_entropy(step_logits_TBSV: jax.Array, labels_BS: jax.Array) -> jax
     return cross_entropy(step_logits_TBSV, labels_BS[None])
 
 
-def chunked_step_cross_entropy(step_hidden_TBSD: jax.Array, head_fn: HeadFn, labels_BS: jax.Array) -> jax.Array:
-    """Per-step CE [T, B, S] from step states, one step's [B, S, V] logits at a time.
+def chunked_step_cross_entropy(step_hidden_TBSD: jax.Array, head_fn: HeadFn, labels_BS: jax.Array, *,
+                               block_tokens: int = 0, prepare_fn: HeadFn | None = None,
+                               return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Per-step CE [T, B, S] from step states, one [B, block_tokens, V] logits block at a time.
 
-    A scan over T with each step rematerialised: peak memory one [B, S, V] logits block (plus its gradient);
-    the backward pass saves only the [T, B, S, D] states already held.
+    A map over steps and, within a step, over blocks of ``block_tokens`` positions (0 or >= S: the whole
+    sequence); each block's logits are rematerialised in the backward pass, so peak memory is one block's logits
+    and their gradient, and the backward saves only the states. With ``block_tokens`` > 0, ``head_fn`` must act
+    token by token ([B, s, D] -> [B, s, V] for any s); sequence-wise work (coda layers) goes in ``prepare_fn``
+    ([B, S, D] -> [B, S, D]), run on each whole step and rematerialised. ``return_lse``: also return the
+    logsumexp of the logits [T, B, S] (a z-loss needs it).
     """
-    step = jax.checkpoint(lambda h_BSD: cross_entropy(head_fn(h_BSD), labels_BS))
-    return jax.lax.map(step, step_hidden_TBSD)
+    _, b, s, _ = step_hidden_TBSD.shape
+    blk = s if block_tokens <= 0 or block_tokens >= s else block_tokens
+    n_blk = -(-s // blk)
+    pad = n_blk * blk - s
+
+    @jax.checkpoint
+    def block_stats(h_BbD: jax.Array, y_Bb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = head_fn(h_BbD).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return lse - jnp.take_along_axis(logits, y_Bb[..., None].astype(jnp.int32), axis=-1)[..., 0], lse
+
+    def blocks(x_BS: jax.Array) -> jax.Array:  # [B, S, ...] -> [n_blk, B, blk, ...], padded at the end
+        x = jnp.pad(x_BS, [(0, 0), (0, pad)] + [(0, 0)] * (x_BS.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n_blk, blk, *x_BS.shape[2:]), 1, 0)
+
+    def unblock(x_nBb: jax.Array) -> jax.Array:
+        return jnp.moveaxis(x_nBb, 0, 1).reshape(b, n_blk * blk)[:, :s]
+
+    prepare = jax.checkpoint(prepare_fn) if prepare_fn is not None else (lambda h: h)
+    labels_nBb = blocks(labels_BS) if n_blk > 1 else labels_BS
+
+    def one_step(h_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = prepare(h_BSD)
+        if n_blk == 1:
+            return block_stats(h, labels_nBb)
+        ce, lse = jax.lax.map(lambda xs: block_stats(*xs), (blocks(h), labels_nBb))
+        return unblock(ce), unblock(lse)
+
+    ce_TBS, lse_TBS = jax.lax.map(one_step, step_hidden_TBSD)
+    return (ce_TBS, lse_TBS) if return_lse else ce_TBS
 
 
 def ouro_expected_loss(ce_TBS: jax.Array, gate_BST: jax.Array, mask_BS: jax.Array | None = None,
@@ -489,17 +524,32 @@ def mixture_logits_loss(gate_BST: jax.Array, labels_BS: jax.Array, mask_BS: jax.
 def halting_loss(hcfg: HaltingConfig, *, gate_BST: jax.Array | None, labels_BS: jax.Array,
                  mask_BS: jax.Array | None = None, step_logits_TBSV: jax.Array | None = None,
                  step_hidden_TBSD: jax.Array | None = None, head_fn: HeadFn | None = None,
-                 gate_fn: HeadFn | None = None) -> jax.Array:
+                 gate_fn: HeadFn | None = None, prepare_fn: HeadFn | None = None,
+                 ce_TBS: jax.Array | None = None) -> jax.Array:
     """The objective ``hcfg.objective`` on one batch (labels already aligned with the logits).
 
     Inputs: step logits [T, B, S, V], or step read-out states [T, B, S, D] with ``head_fn`` ([B, S, D] ->
     [B, S, V]) — required for ``chunked``, "act" and "ouro_gate". "ouro_gate" also needs ``gate_fn``
     ([B, S, D] -> gate logit [B, S]), applied to stop-gradient states so only the gate receives gradients.
+    With ``hcfg.ce_block`` > 0 the per-step CE runs in blocks of positions, so ``head_fn`` must act token by
+    token; sequence-wise read-out work (coda layers) goes in ``prepare_fn`` ([B, S, D] -> [B, S, D]).
+    ``ce_TBS``: the per-step CE already computed (for "ouro", "pondernet", "final"), used instead of logits/states.
     """
     obj = hcfg.objective
+    if ce_TBS is not None and obj in ("ouro", "pondernet", "final"):
+        return _per_step_objective(hcfg, ce_TBS, gate_BST, mask_BS)
     use_hidden = hcfg.chunked or obj in ("act", "ouro_gate") or step_logits_TBSV is None
     if use_hidden and (step_hidden_TBSD is None or head_fn is None):
         raise ValueError(f"objective={obj!r}, chunked={hcfg.chunked}: needs step_hidden_TBSD and head_fn")
+
+    token_head = head_fn
+
+    def step_ce(hidden_TBSD: jax.Array) -> jax.Array:
+        return chunked_step_cross_entropy(hidden_TBSD, token_head, labels_BS, block_tokens=hcfg.ce_block,
+                                          prepare_fn=prepare_fn)
+
+    if prepare_fn is not None and head_fn is not None:  # the whole read-out, for objectives taking whole states
+        head_fn = lambda h_BSD: token_head(prepare_fn(h_BSD))  # noqa: E731
 
     if obj == "act":
         return act_loss(step_hidden_TBSD, gate_BST, head_fn, labels_BS, mask_BS, hcfg.act_eps, hcfg.ponder_tau)
@@ -511,18 +561,23 @@ def halting_loss(hcfg: HaltingConfig, *, gate_BST: jax.Array | None, labels_BS: 
         if gate_fn is None:
             raise ValueError("objective='ouro_gate': needs gate_fn (the exit gate, [B,S,D] -> [B,S])")
         frozen = jax.lax.stop_gradient(step_hidden_TBSD)
-        ce = chunked_step_cross_entropy(frozen, head_fn, labels_BS)
+        ce = step_ce(frozen)
         gates = jnp.moveaxis(jax.vmap(gate_fn)(frozen), 0, -1)
         return ouro_gate_loss(ce, gates, mask_BS, hcfg.gate_k, hcfg.gate_gamma)
 
     if obj == "final" and use_hidden:
-        return _masked_mean(cross_entropy(head_fn(step_hidden_TBSD[-1]), labels_BS), mask_BS)
+        return _masked_mean(step_ce(step_hidden_TBSD[-1:])[0], mask_BS)
     if use_hidden:
-        ce = chunked_step_cross_entropy(step_hidden_TBSD, head_fn, labels_BS)
+        ce = step_ce(step_hidden_TBSD)
     else:
         ce = step_cross_entropy(step_logits_TBSV, labels_BS)
-    if obj == "final":
-        return final_step_loss(ce, mask_BS)
-    if obj == "ouro":
-        return ouro_expected_loss(ce, gate_BST, mask_BS, hcfg.beta)
-    return pondernet_loss(ce, gate_BST, mask_BS, hcfg.beta, hcfg.geometric_lambda)
+    return _per_step_objective(hcfg, ce, gate_BST, mask_BS)
+
+
+def _per_step_objective(hcfg: HaltingConfig, ce_TBS: jax.Array, gate_BST: jax.Array | None,
+                        mask_BS: jax.Array | None) -> jax.Array:
+    if hcfg.objective == "final":
+        return final_step_loss(ce_TBS, mask_BS)
+    if hcfg.objective == "ouro":
+        return ouro_expected_loss(ce_TBS, gate_BST, mask_BS, hcfg.beta)
+    return pondernet_loss(ce_TBS, gate_BST, mask_BS, hcfg.beta, hcfg.geometric_lambda)

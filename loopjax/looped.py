@@ -132,14 +132,31 @@ class LoopedCore(nnx.Module):
             return checkpoint_name(dense(he, self.adapter[...].astype(he.dtype)), "inject_proj").astype(h_BSD.dtype)
         return h_BSD
 
+    def stacked_layers(self) -> tuple[nnx.GraphDef, nnx.State]:
+        """(one layer's graphdef, the k layers' states stacked on a leading axis): what ``scan_layers`` scans."""
+        graphdef = nnx.graphdef(self.layers[0])
+        return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in self.layers])
+
     def step(self, h_BSD: jax.Array, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
-             layout: TokenLayout) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-        """One loop: (new carried state, read-out state, gate logit [B, S] or None)."""
+             layout: TokenLayout, stacked: tuple[nnx.GraphDef, nnx.State] | None = None,
+             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """One loop: (new carried state, read-out state, gate logit [B, S] or None).
+
+        stacked: ``stacked_layers()`` computed once outside a scan over loops (``scan_layers`` only)."""
         cfg = self.cfg
         x = self.inject(checkpoint_name(h_BSD, LOOP_STATE), e_BSD)
-        for layer in self.layers:
+
+        def apply(layer: nnx.Module, x: jax.Array) -> jax.Array:
             run = remat_layer(layer, cfg.remat_policy, cfg.remat_scope)
-            x = with_logical_constraint(run(checkpoint_name(x, LAYER_INPUT), cos_BSh, sin_BSh, layout), ACTIVATION_BSD)
+            return with_logical_constraint(run(checkpoint_name(x, LAYER_INPUT), cos_BSh, sin_BSh, layout),
+                                           ACTIVATION_BSD)
+
+        if cfg.scan_layers and len(self.layers) > 1:
+            graphdef, states = stacked if stacked is not None else self.stacked_layers()
+            x, _ = jax.lax.scan(lambda x, st: (apply(nnx.merge(graphdef, st), x), None), x, states)
+        else:
+            for layer in self.layers:
+                x = apply(layer, x)
         out = self.norm(x)
         new_h = out if self.cfg.step_norm else x
         gate = self.gate(out) if self.gate is not None else None
@@ -149,14 +166,16 @@ class LoopedCore(nnx.Module):
                  n_loops: int, record_steps: bool = False, use_scan: bool = True) -> CoreOutput:
         """Run ``n_loops`` iterations from ``initial_state(e)``; ``use_scan=False`` is the unrolled Python loop."""
         graphdef, state = nnx.split(self)
+        # The layer stack is loop-invariant: built once here, its gradient summed over loops once.
+        stacked = self.stacked_layers() if self.cfg.scan_layers and len(self.layers) > 1 else None
 
-        def body(state, h, e, cos, sin, layout):
-            return nnx.merge(graphdef, state).step(h, e, cos, sin, layout)
+        def body(state, stacked, h, e, cos, sin, layout):
+            return nnx.merge(graphdef, state).step(h, e, cos, sin, layout, stacked)
 
         body = remat(body, self.cfg.remat_policy, in_scan=use_scan, scope=self.cfg.remat_scope)
 
         def loop_fn(h, _):
-            h, out, gate = body(state, h, e_BSD, cos_BSh, sin_BSh, layout)
+            h, out, gate = body(state, stacked, h, e_BSD, cos_BSh, sin_BSh, layout)
             return h, (out if record_steps else None, gate)
 
         h0 = self.initial_state(e_BSD)

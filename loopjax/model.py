@@ -84,7 +84,16 @@ class LoopedLM(nnx.Module):
 
     def readout(self, out_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout) -> jax.Array:
         """Logits from a loop's read-out state: coda layers and their norm when present, then the head."""
-        return with_logical_constraint(self.head(self._coda(out_BSD, cos_BSh, sin_BSh, layout)), LOGITS_BSV)
+        return self.token_logits(self.readout_state(out_BSD, cos_BSh, sin_BSh, layout))
+
+    def readout_state(self, out_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
+                      layout: TokenLayout) -> jax.Array:
+        """The sequence-wise part of ``readout``: coda layers and their norm (identity without a coda)."""
+        return self._coda(out_BSD, cos_BSh, sin_BSh, layout)
+
+    def token_logits(self, x_BSD: jax.Array) -> jax.Array:
+        """The token-wise part of ``readout``: the head, float32 logits [B, S, V] in their sharding (any S)."""
+        return with_logical_constraint(self.head(x_BSD), LOGITS_BSV)
 
     def step_readout(self, out_TBSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
                      layout: TokenLayout) -> jax.Array:

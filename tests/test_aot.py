@@ -21,7 +21,8 @@ HAS_SPLASH = "attention_impl" in {f.name for f in aot.dataclasses.fields(aot.Loo
 def test_cli_tiny_v5e_reports_memory_and_cost_above_analytic(tmp_path, capsys):
     out = tmp_path / "aot.json"
     code = main(["aot", "tiny", "--topology", "v5e:2x2", "--seq", SEQ, "--batch", "8", "--mesh", "fsdp=4",
-                 "--json", str(out), *SMALL, "model.n_layers=2", "model.n_loops=2"])
+                 "--json", str(out), *SMALL, "model.n_layers=2", "model.n_loops=2",
+                 "train.tpu_scheduler_memory_percent=20"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| v5e:2x2 | 4 |" in printed
@@ -32,6 +33,7 @@ def test_cli_tiny_v5e_reports_memory_and_cost_above_analytic(tmp_path, capsys):
         assert key in r, key
     assert (r["topology"], r["chips"], r["seq"], r["global_batch"], r["hbm_gib"]) == ("v5e:2x2", 4, 128, 8, 16.0)
     assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "rules": "fsdp"}
+    assert r["tpu_scheduler_memory_percent"] == 20  # compiled with the scheduler's memory limit option
     total = r["argument_gib"] + r["output_gib"] - r["alias_gib"] + r["temp_gib"]
     assert r["per_chip_total_gib"] == pytest.approx(total) and 0 < total < r["hbm_gib"] and r["fits"]
     # The real program scans (so XLA's raw count is low); the costed variants have no while loop left.

@@ -13,7 +13,7 @@ BAD_FIELDS = [
     ("tie_embeddings", "yes"), ("sliding_window", 0), ("sliding_window", -4), ("param_dtype", "float64"),
     ("compute_dtype", "fp16"), ("remat_policy", "dots"), ("scan_unroll", 0), ("exit_gate", None),
     ("init_std", 0.0), ("n_layers", True), ("remat_scope", "block"), ("attention_impl", "flash"),
-    ("attention_interpret", 1),
+    ("attention_interpret", 1), ("scan_layers", "yes"),
 ]
 
 

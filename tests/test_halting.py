@@ -244,10 +244,45 @@ def test_final_and_mixture_objectives_match_float64_numpy():
     np.testing.assert_allclose(got, _np_mean(_np_ce(mixed, pb["labels"]), pb["mask"]), rtol=1e-5)
 
 
+def test_blocked_step_cross_entropy_matches_float64_numpy_with_prepare_and_lse():
+    """Blocks of positions that do not divide S, a sequence-wise prepare_fn, and the logsumexp output."""
+    pb = _random_problem(seed=5, s=13)
+    mix = np.random.default_rng(6).normal(size=(13, 13)).astype(np.float32) / 4  # mixes positions: sequence-wise
+    hidden = np.einsum("tbsd,us->tbud", pb["hidden"].astype(np.float64), mix)
+    logits = hidden @ pb["w"].astype(np.float64)
+    want_ce = _np_ce(logits, pb["labels"][None])
+    want_lse = np.log(np.exp(logits).sum(-1))
+    prepare = lambda h: jnp.einsum("bsd,us->bud", h, jnp.asarray(mix))  # noqa: E731
+    head = lambda h: h @ jnp.asarray(pb["w"])  # noqa: E731
+    for block in (0, 1, 4, 5, 13, 64):
+        ce, lse = lj.chunked_step_cross_entropy(jnp.asarray(pb["hidden"]), head, jnp.asarray(pb["labels"]),
+                                                block_tokens=block, prepare_fn=prepare, return_lse=True)
+        np.testing.assert_allclose(ce, want_ce, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_step_cross_entropy_grads_equal_unblocked():
+    pb = {k: jnp.asarray(v) for k, v in _random_problem(seed=8, s=13).items()}
+    weight = jnp.asarray(np.random.default_rng(9).random((4, 2, 13)), jnp.float32)
+
+    def loss(hidden, w, block):
+        ce, lse = lj.chunked_step_cross_entropy(hidden, lambda h: h @ w, pb["labels"], block_tokens=block,
+                                                return_lse=True)
+        return (ce * weight).sum() + 0.1 * (lse ** 2 * weight).sum()
+
+    v0, g0 = jax.value_and_grad(loss, argnums=(0, 1))(pb["hidden"], pb["w"], 0)
+    for block in (3, 6):
+        v1, g1 = jax.value_and_grad(loss, argnums=(0, 1))(pb["hidden"], pb["w"], block)
+        np.testing.assert_allclose(v1, v0, rtol=1e-6)
+        for a, b in zip(g1, g0):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ce_block", [0, 2])
 @pytest.mark.parametrize("objective", ["ouro", "pondernet", "final", "mixture"])
-def test_chunked_objectives_equal_materialised_values_and_grads(objective):
+def test_chunked_objectives_equal_materialised_values_and_grads(objective, ce_block):
     pb = {k: jnp.asarray(v) for k, v in _random_problem(seed=11).items()}
-    hcfg = lj.HaltingConfig(objective=objective, beta=0.2)
+    hcfg = lj.HaltingConfig(objective=objective, beta=0.2, ce_block=ce_block)
 
     def loss(hidden, w, gates, chunked):
         head = lambda h: h @ w  # noqa: E731
@@ -301,7 +336,7 @@ def test_exit_rules_reject_bad_fields(make):
 @pytest.mark.parametrize("kw,field", [(dict(objective="ponder"), "objective"), (dict(beta=-1.0), "beta"),
                                       (dict(geometric_lambda=1.0), "geometric_lambda"), (dict(act_eps=0), "act_eps"),
                                       (dict(chunked=1), "chunked"), (dict(backprop_loops=20), "backprop_loops"),
-                                      (dict(mean_loops=40.0), "mean_loops")])
+                                      (dict(mean_loops=40.0), "mean_loops"), (dict(ce_block=-1), "ce_block")])
 def test_halting_config_rejects_bad_fields(kw, field):
     with pytest.raises(ValueError, match=f"^{field}="):
         lj.HaltingConfig(**kw)

@@ -75,6 +75,23 @@ def test_scan_equals_python_loop_forward_and_grads(variant):
             assert float(jnp.abs(b[...]).max()) > 0, path
 
 
+def test_scan_layers_equals_reference_forward_grads_and_masked_while_loop():
+    """``scan_layers``: the k layers as a scan over stacked parameters give the plain-loop logits and gradients
+    (per layer), and the masked while_loop and run_all_loops executors give what the unrolled layers give."""
+    kw = dict(VARIANTS["ouro"], n_layers=3)
+    model, plain = _model(scan_layers=True, **kw), _model(**kw)
+    tokens = _tokens()
+    np.testing.assert_allclose(model(tokens, n_loops=3).logits, reference_logits(model, tokens, 3), atol=1e-5)
+    g_scan = nnx.to_flat_state(nnx.grad(lambda m: _ce(m(tokens, n_loops=3).logits, tokens))(model))
+    g_ref = nnx.to_flat_state(nnx.grad(lambda m: _ce(reference_logits(m, tokens, 3), tokens))(model))
+    for (path, a), (_, b) in zip(g_scan, g_ref):
+        np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
+    for kwargs in (dict(exit_rule=lj.QExit(0.6)), dict(exit_rule=lj.QExit(0.6), run_all_loops=True)):
+        a, b = model(tokens, n_loops=4, **kwargs), plain(tokens, n_loops=4, **kwargs)
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+        np.testing.assert_array_equal(a.exit_step, b.exit_step)
+
+
 def test_unrolled_path_equals_scan():
     model = _model(norm_scheme="sandwich", step_norm=True)
     tokens = _tokens()
@@ -152,9 +169,11 @@ def _loss_and_grads(model, tokens):
     return jax.value_and_grad(loss)(params)
 
 
-# every policy under per-layer remat, every scope under the policies that differ most
-REMAT = ([(p, "layer") for p in ("full", "save_dots", "minimal", "save_qkv", "save_dots_offload", "offload")]
-         + [(p, s) for p in ("full", "save_dots", "offload") for s in ("loop", "both")])
+# every policy under per-layer remat, every scope under the policies that differ most, and the scan over layers
+REMAT = ([(p, "layer", False) for p in ("full", "save_dots", "minimal", "save_qkv", "save_dots_offload", "offload")]
+         + [(p, s, False) for p in ("full", "save_dots", "offload") for s in ("loop", "both")]
+         + [(p, s, True) for p, s in (("none", "loop"), ("full", "layer"), ("save_qkv", "layer"), ("full", "both"),
+                                      ("offload", "layer"))])
 _REMAT_KW = dict(norm_scheme="sandwich", step_norm=True, n_loops=3)
 
 
@@ -163,10 +182,11 @@ def _no_remat_loss_and_grads():
     return jax.jit(_loss_and_grads)(_model(remat_policy="none", **_REMAT_KW), _tokens(s=12))
 
 
-@pytest.mark.parametrize("policy,scope", REMAT)
-def test_every_remat_policy_and_scope_gives_the_no_remat_gradients(policy, scope):
+@pytest.mark.parametrize("policy,scope,scan_layers", REMAT)
+def test_every_remat_policy_and_scope_gives_the_no_remat_gradients(policy, scope, scan_layers):
+    """... and so does ``scan_layers`` (the k layers as a scan over their stacked parameters)."""
     want_loss, want = _no_remat_loss_and_grads()
-    model = _model(remat_policy=policy, remat_scope=scope, **_REMAT_KW)
+    model = _model(remat_policy=policy, remat_scope=scope, scan_layers=scan_layers, **_REMAT_KW)
     got_loss, got = jax.jit(_loss_and_grads)(model, _tokens(s=12))
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), got, want)

@@ -51,6 +51,7 @@ def single_device_mesh():
     (dict(schedule="cosin"), "did you mean 'cosine'"),
     (dict(b2=1.0), "b2=1.0"),
     (dict(on_nonfinite="ignore"), "on_nonfinite"),
+    (dict(tpu_scheduler_memory_percent=101), "tpu_scheduler_memory_percent=101"),
 ])
 def test_train_config_rejects_bad_fields(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -133,6 +134,45 @@ def test_ouro_objective_matches_float64_reference():
     np.testing.assert_allclose(float(total), want + z * z_want, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["exit_depth"]), ((p * np.arange(1, 4)).sum(-1) * m).sum() / m.sum(),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["ouro", "pondernet", "final"])
+def test_chunked_objective_equals_materialised_logits_with_coda_and_z_loss(objective):
+    """hcfg.chunked: CE, z-loss and ce_final from blocks of positions (a block size not dividing S, a coda layer
+    the blocks must not split) give the values and gradients of the materialised-logits path."""
+    model = lj.LoopedLM(tiny_model(n_coda=1), rngs=nnx.Rngs(4))
+    model.core.gate.b[...] = jnp.float32(-0.5)
+    graphdef, params = nnx.split(model)
+    batch = jax.tree.map(jnp.asarray, random_batch(5))
+
+    def loss(params, hcfg):
+        return objective_loss(nnx.merge(graphdef, params), batch, hcfg, 1e-2, None)
+
+    hcfg = HaltingConfig(objective=objective, beta=0.2)
+    (t0, m0), g0 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, hcfg)
+    (t1, m1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        params, hcfg.replace(chunked=True, ce_block=3))
+    np.testing.assert_allclose(float(t1), float(t0), rtol=1e-5)
+    for k in m0:
+        np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_tpu_scheduler_memory_limit_is_a_tpu_compile_option_only():
+    from loopjax.train.compiled import compiler_options
+
+    tcfg = TrainConfig(tpu_scheduler_memory_percent=7)
+    assert compiler_options(tcfg, single_device_mesh()) is None  # CPU: XLA:CPU has no such option
+
+    class FakeTpu:
+        platform = "tpu"
+
+    class FakeMesh:
+        devices = np.array([FakeTpu()])
+
+    assert compiler_options(tcfg, FakeMesh()) == {"xla_tpu_scheduler_percent_shared_memory_limit": 7}
+    assert compiler_options(TrainConfig(), FakeMesh()) is None
 
 
 # --------------------------------------------------------------------------------------------- trainer

@@ -55,6 +55,13 @@ class TrainProgram:
         return state, batch
 
 
+def compiler_options(train_cfg: TrainConfig, mesh: Mesh) -> dict[str, Any] | None:
+    """XLA options of the train step on ``mesh``'s platform (the TPU scheduler's memory limit, when set)."""
+    if mesh.devices.flat[0].platform == "tpu" and train_cfg.tpu_scheduler_memory_percent:
+        return {"xla_tpu_scheduler_percent_shared_memory_limit": train_cfg.tpu_scheduler_memory_percent}
+    return None
+
+
 def build_train_step(model_cfg: LoopedConfig, train_cfg: TrainConfig, mesh: Mesh,
                      rules: LogicalRules | None = None) -> TrainProgram:
     """The train step of ``(model_cfg, train_cfg)`` on ``mesh`` (rules default to ``train_cfg.mesh.rules``)."""
@@ -66,6 +73,6 @@ def build_train_step(model_cfg: LoopedConfig, train_cfg: TrainConfig, mesh: Mesh
     state_shardings = shd.param_shardings(abstract, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     step = jax.jit(make_train_step(graphdef, train_cfg, tx, schedule), donate_argnums=0,
-                   out_shardings=(state_shardings, replicated))
+                   out_shardings=(state_shardings, replicated), compiler_options=compiler_options(train_cfg, mesh))
     return TrainProgram(step=step, graphdef=graphdef, tx=tx, schedule=schedule, build=build,
                         abstract_state=abstract, state_shardings=state_shardings, mesh=mesh, rules=rules)

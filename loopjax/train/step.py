@@ -42,18 +42,25 @@ def layout_kwargs(batch: Batch) -> dict[str, jax.Array]:
     return {f"{k}_BS": batch[k] for k in ("positions", "segment_ids") if batch.get(k) is not None}
 
 
-def _head_fn(model, batch: Batch) -> Callable[[jax.Array], jax.Array]:
+def _readout_fns(model, batch: Batch) -> tuple[Callable[[jax.Array], jax.Array], Callable | None]:
+    """(token-wise head: states [B, s, D] -> logits, sequence-wise coda or None) for a batch's layout."""
+    if not model.coda:
+        return model.token_logits, None
     b, s = batch["inputs"].shape
     positions = batch.get("positions")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     cos, sin, layout = model.rope_and_layout(positions, None, batch.get("segment_ids"))
-    return lambda h_BSD: model.readout(h_BSD, cos, sin, layout)
+    return model.token_logits, lambda h_BSD: model.readout_state(h_BSD, cos, sin, layout)
 
 
 def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
                    key: jax.Array | None) -> tuple[jax.Array, Metrics]:
-    """(total loss, metrics) of ``hcfg.objective`` (+ z-loss) on one batch; the metrics are scalars."""
+    """(total loss, metrics) of ``hcfg.objective`` (+ z-loss) on one batch; the metrics are scalars.
+
+    With ``hcfg.chunked`` no [B, S, V] logits are materialised: every CE (and the z-loss's logsumexp) runs over
+    blocks of ``hcfg.ce_block`` positions from the read-out states.
+    """
     inputs, targets, mask = batch["inputs"], batch["targets"], batch.get("mask")
     metrics: Metrics = {}
     if hcfg.random_loops:
@@ -62,16 +69,30 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
         metrics["n_loops"] = kwargs["n_loops"].astype(jnp.float32)
     else:
         out = model(inputs, return_steps=hcfg.objective != "final", **layout_kwargs(batch))
-    ce_final = masked_mean(halting.cross_entropy(out.logits, targets), mask)
+    head_fn, prepare_fn = _readout_fns(model, batch)
+    ce_TBS = None
+    if hcfg.chunked:
+        # With every loop run, the last step state is the read-out state: one blocked pass over all steps gives
+        # the objective's CE, the final CE and the z-loss's logsumexp.
+        per_step = hcfg.objective in ("ouro", "pondernet") and not hcfg.random_loops
+        ce_TBS, lse_TBS = halting.chunked_step_cross_entropy(
+            out.step_hidden if per_step else out.hidden[None], head_fn, targets, block_tokens=hcfg.ce_block,
+            prepare_fn=prepare_fn, return_lse=True)
+        ce_BS, lse_BS = ce_TBS[-1], lse_TBS[-1]
+        ce_TBS = ce_TBS if per_step else None
+    else:
+        ce_BS, lse_BS = halting.cross_entropy(out.logits, targets), None
+    ce_final = masked_mean(ce_BS, mask)
     if hcfg.objective == "final":
         loss = ce_final
     else:
         loss = halting.halting_loss(hcfg, gate_BST=out.gate_logits, labels_BS=targets, mask_BS=mask,
                                     step_logits_TBSV=out.step_logits, step_hidden_TBSD=out.step_hidden,
-                                    head_fn=_head_fn(model, batch), gate_fn=model.core.gate)
+                                    head_fn=head_fn, prepare_fn=prepare_fn, gate_fn=model.core.gate, ce_TBS=ce_TBS)
     total = loss
     if z_loss > 0:
-        z = masked_mean(jnp.square(jax.nn.logsumexp(out.logits, axis=-1)), mask)
+        lse = jax.nn.logsumexp(out.logits, axis=-1) if lse_BS is None else lse_BS
+        z = masked_mean(jnp.square(lse), mask)
         total = total + z_loss * z
         metrics["z_loss"] = z
     metrics.update(loss=loss, ce_final=ce_final)
@@ -83,10 +104,12 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
     return total, metrics
 
 
-def loop_losses(model, batch: Batch, n_loops: int | None = None) -> jax.Array:
-    """Masked-mean CE after every loop, float32 [T], from step states one [B, S, V] block at a time."""
+def loop_losses(model, batch: Batch, n_loops: int | None = None, block_tokens: int = 1024) -> jax.Array:
+    """Masked-mean CE after every loop, float32 [T], from step states one [B, block_tokens, V] block at a time."""
     out = model(batch["inputs"], n_loops=n_loops, return_steps=True, **layout_kwargs(batch))
-    ce_TBS = halting.chunked_step_cross_entropy(out.step_hidden, _head_fn(model, batch), batch["targets"])
+    head_fn, prepare_fn = _readout_fns(model, batch)
+    ce_TBS = halting.chunked_step_cross_entropy(out.step_hidden, head_fn, batch["targets"],
+                                                block_tokens=block_tokens, prepare_fn=prepare_fn)
     return jax.vmap(lambda ce: masked_mean(ce, batch.get("mask")))(ce_TBS)
 
 
