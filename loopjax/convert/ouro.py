@@ -109,7 +109,8 @@ def _dtype_name(value: Any) -> str:
 
 
 def ouro_config(hf: dict[str, Any], *, dtype: Any = None, **overrides: Any) -> LoopedConfig:
-    """``LoopedConfig`` for an HF Ouro config dict: sandwich norm, step norm, exit gate, no input injection.
+    """``LoopedConfig`` for an HF Ouro config dict: sandwich norm, step norm, exit gate, no input injection
+    (and, as the ``ouro_*`` presets, per-layer remat over a scan of the layers).
 
     dtype: parameter and compute dtype ("float32", "bfloat16", "float16" or a numpy/jnp dtype); None = the
     checkpoint's ``torch_dtype``. ``overrides`` replace fields of the result (e.g. ``remat_policy``).
@@ -142,7 +143,7 @@ def ouro_config(hf: dict[str, Any], *, dtype: Any = None, **overrides: Any) -> L
         max_seq_len=hf.get("max_position_embeddings", 32768), norm_scheme="sandwich", step_norm=True,
         input_injection="none", rope_theta=float(hf.get("rope_theta", 10000.0)),
         rms_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        exit_gate=True, param_dtype=name, compute_dtype=name)
+        exit_gate=True, param_dtype=name, compute_dtype=name, remat_scope="layer", scan_layers=True)
     fields.update(overrides)
     return LoopedConfig(**fields)
 
