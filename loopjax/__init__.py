@@ -7,7 +7,8 @@ from loopjax.config import HaltingConfig, LoopedConfig, MeshConfig, TrainConfig,
 from loopjax.convert import load_ouro, save_ouro
 from loopjax.flops import forward_flops, train_flops
 from loopjax.halting import (ACTExit, ConvergenceExit, FixedExit, QExit, act_loss, chunked_step_cross_entropy,
-                             exit_cdf, exit_distribution, final_step_loss, halting_loss, mixture_logits,
+                             exit_cdf, exit_distribution, expected_loss_terms, final_step_loss,
+                             fused_step_cross_entropy, halting_loss, mixture_logits,
                              mixture_logits_loss, ouro_expected_loss, ouro_gate_loss, pondernet_loss,
                              sample_loop_count, step_cross_entropy)
 from loopjax.looped import LoopedCore
@@ -23,7 +24,7 @@ __all__ = [
     "ACTExit", "ConvergenceExit", "FixedExit", "GenerateOutput", "HaltingConfig", "KVCache", "LoopedConfig",
     "LoopedCore", "LoopedLM", "LoopedOutput", "MeshConfig", "QExit", "Sampling", "TextGeneration", "TrainConfig",
     "act_loss", "analysis", "chunked_step_cross_entropy", "count_params", "data", "exit_cdf", "exit_distribution",
-    "final_step_loss", "forward_flops", "generate", "generate_text", "halting_loss", "load_ouro", "make_mesh",
+    "expected_loss_terms", "final_step_loss", "fused_step_cross_entropy", "forward_flops", "generate", "generate_text", "halting_loss", "load_ouro", "make_mesh",
     "mixture_logits", "mixture_logits_loss", "ouro_1_4b", "ouro_2_6b", "ouro_expected_loss", "ouro_gate_loss",
     "pondernet_loss", "sample_loop_count", "save_ouro", "step_cross_entropy", "tiny", "train", "train_flops",
 ]

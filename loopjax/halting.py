@@ -434,6 +434,76 @@ def chunked_step_cross_entropy(step_hidden_TBSD: jax.Array, head_fn: HeadFn, lab
     return (ce_TBS, lse_TBS) if return_lse else ce_TBS
 
 
+def fused_step_cross_entropy(step_hidden_TBSD: jax.Array, w_DV: jax.Array, labels_BS: jax.Array,
+                             weight_TBS: jax.Array, z_weight_BS: jax.Array | None = None, *, block_tokens: int = 0,
+                             logits_fn: Callable[[jax.Array], jax.Array] | None = None,
+                             dw_fn: Callable[[jax.Array], jax.Array] | None = None,
+                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Σ weight·CE_t + Σ z_weight·logsumexp_T², with per-step CE from states and the head weight [D, V] computed in
+    blocks of positions, and the gradients (states, weight matrix, weights) formed in that same pass: the head runs
+    once forward and once per gradient, never again in the backward pass (which ``chunked_step_cross_entropy``
+    under reverse mode does). Peak memory: one [B, block, V] block; residuals: the state gradient [T, B, S, D].
+
+    Returns (loss, ce_TBS, lse_TBS); the last two carry no gradient (metrics). ``weight_TBS`` is the loss's
+    derivative w.r.t. each CE (e.g. p_t·mask/N for the Ouro objective), so it must not depend on the states except
+    through the exit gate (its gradient, CE_t, flows back as usual). ``logits_fn`` / ``dw_fn``: sharding
+    constraints for a logits block [B, block, V] and the accumulated head gradient [D, V].
+    """
+    t, b, s, d = step_hidden_TBSD.shape
+    blk = s if block_tokens <= 0 or block_tokens >= s else block_tokens
+    n_blk = -(-s // blk)
+    pad = n_blk * blk - s
+    constrain_logits = logits_fn or (lambda x: x)
+    constrain_dw = dw_fn or (lambda x: x)
+    if z_weight_BS is None:
+        z_weight_BS = jnp.zeros((b, s), jnp.float32)
+
+    def blocks(x_TBS: jax.Array) -> jax.Array:  # [T, B, S, ...] -> [T·n_blk, B, blk, ...], padded at the end
+        x = jnp.pad(x_TBS, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x_TBS.ndim - 3))
+        x = jnp.moveaxis(x.reshape(t, b, n_blk, blk, *x_TBS.shape[3:]), 2, 1)
+        return x.reshape(t * n_blk, b, blk, *x_TBS.shape[3:])
+
+    def unblock(x: jax.Array) -> jax.Array:  # inverse of ``blocks`` for [T·n_blk, B, blk, ...]
+        x = jnp.moveaxis(x.reshape(t, n_blk, b, blk, *x.shape[3:]), 1, 2)
+        return x.reshape(t, b, n_blk * blk, *x.shape[4:])[:, :, :s]
+
+    def forward(h, w, weight, z_weight):
+        zw_TBS = jnp.zeros((t, b, s), jnp.float32).at[-1].set(z_weight.astype(jnp.float32))
+        labels = blocks(jnp.broadcast_to(labels_BS, (t, b, s)))
+        xs = (blocks(h), labels, blocks(weight.astype(jnp.float32)), blocks(zw_TBS))
+
+        def block(dw, xs):
+            h_b, y_b, wt_b, zw_b = xs
+            logits = constrain_logits(jnp.matmul(h_b, w, preferred_element_type=jnp.float32))
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            ce = lse - jnp.take_along_axis(logits, y_b[..., None].astype(jnp.int32), axis=-1)[..., 0]
+            prob = jnp.exp(logits - lse[..., None])
+            onehot = jax.nn.one_hot(y_b, logits.shape[-1], dtype=jnp.float32)
+            g = (prob * (wt_b + 2.0 * zw_b * lse)[..., None] - onehot * wt_b[..., None]).astype(h_b.dtype)
+            dh = jnp.matmul(g, w.T, preferred_element_type=jnp.float32).astype(h_b.dtype)
+            dw = dw + constrain_dw(jnp.einsum("bsd,bsv->dv", h_b, g, preferred_element_type=jnp.float32))
+            return dw, (ce, lse, dh)
+
+        dw, (ce, lse, dh) = jax.lax.scan(block, constrain_dw(jnp.zeros(w.shape, jnp.float32)), xs)
+        ce, lse = unblock(ce), unblock(lse)
+        loss = jnp.sum(weight.astype(jnp.float32) * ce) + jnp.sum(z_weight.astype(jnp.float32) * lse[-1] ** 2)
+        return (loss, ce, lse), (unblock(dh), dw.astype(w.dtype), ce, lse[-1] ** 2)
+
+    @jax.custom_vjp
+    def fused(h, w, weight, z_weight):
+        return forward(h, w, weight, z_weight)[0]
+
+    def fused_bwd(res, cts):
+        dh, dw, ce, lse_sq = res
+        ct = cts[0]  # ce and lse are returned without gradient
+        return ((ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype), (ct * ce).astype(weight_TBS.dtype),
+                (ct * lse_sq).astype(z_weight_BS.dtype))
+
+    fused.defvjp(forward, fused_bwd)
+    loss, ce, lse = fused(step_hidden_TBSD, w_DV, weight_TBS, z_weight_BS)
+    return loss, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(lse)
+
+
 def ouro_expected_loss(ce_TBS: jax.Array, gate_BST: jax.Array, mask_BS: jax.Array | None = None,
                        beta: float = 0.1) -> jax.Array:
     """Ouro stage I: Σ_t p_t·CE_t − β·H(p) per token, averaged over non-masked tokens."""
@@ -442,6 +512,19 @@ def ouro_expected_loss(ce_TBS: jax.Array, gate_BST: jax.Array, mask_BS: jax.Arra
     expected = jnp.sum(p * jnp.moveaxis(ce_TBS, 0, -1), axis=-1)
     entropy = -jnp.sum(p * logp, axis=-1)
     return _masked_mean(expected - beta * entropy, mask_BS)
+
+
+def expected_loss_terms(hcfg: HaltingConfig, gate_BST: jax.Array, mask_BS: jax.Array | None = None,
+                        ) -> tuple[jax.Array, jax.Array]:
+    """("ouro" / "pondernet") the objective as Σ weight_TBS·CE_TBS + regulariser: (weight [T, B, S] =
+    p_t·mask/N, the gate-only term −β·H(p) or β·KL), for ``fused_step_cross_entropy``."""
+    if hcfg.objective not in ("ouro", "pondernet"):
+        raise ValueError(f"objective={hcfg.objective!r}: expected_loss_terms needs 'ouro' or 'pondernet'")
+    m = jnp.ones(gate_BST.shape[:2], jnp.float32) if mask_BS is None else mask_BS.astype(jnp.float32)
+    p_TBS = jnp.moveaxis(exit_distribution(gate_BST), -1, 0)
+    weight = p_TBS * (m / jnp.maximum(m.sum(), 1.0))
+    zeros = jnp.zeros(p_TBS.shape, jnp.float32)  # the objectives with CE = 0 leave just their gate terms
+    return weight, _per_step_objective(hcfg, zeros, gate_BST, mask_BS)
 
 
 def geometric_log_prior(n_steps: int, lambda_p: float) -> jax.Array:

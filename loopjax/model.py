@@ -77,6 +77,11 @@ class LoopedLM(nnx.Module):
         """Token embeddings in the compute dtype, [B, S, D] (unscaled, as Ouro)."""
         return jnp.take(self.embed[...], tokens_BS, axis=0).astype(dtype(self.cfg.compute_dtype))
 
+    def head_weight(self) -> jax.Array:
+        """The LM head matrix [D, V] (the embedding's transpose when tied) in the compute dtype."""
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return w.astype(dtype(self.cfg.compute_dtype))
+
     def head(self, x_BSD: jax.Array) -> jax.Array:
         """LM head (tied or not): float32 logits [..., V]."""
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]

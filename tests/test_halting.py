@@ -278,6 +278,34 @@ def test_blocked_step_cross_entropy_grads_equal_unblocked():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_step_cross_entropy_matches_float64_numpy_values_and_grads():
+    """Σ w·CE_t + Σ z·lse_T² with its gradient formed in the forward pass: value and every gradient (states, head,
+    weights, z weights) against float64 NumPy, with blocks that do not divide S."""
+    pb = _random_problem(seed=12, s=13)
+    rng = np.random.default_rng(13)
+    weight, z_weight = rng.random((4, 2, 13)), 0.1 * rng.random((2, 13))
+    h, w, y = pb["hidden"].astype(np.float64), pb["w"].astype(np.float64), pb["labels"]
+    logits = h @ w
+    lse = np.log(np.exp(logits).sum(-1))
+    ce = lse - np.take_along_axis(logits, y[None, ..., None], -1)[..., 0]
+    want = (weight * ce).sum() + (z_weight * lse[-1] ** 2).sum()
+    prob = np.exp(logits - lse[..., None])
+    zw = np.zeros_like(weight)
+    zw[-1] = z_weight
+    g = prob * (weight + 2 * zw * lse)[..., None] - np.eye(11)[y][None] * weight[..., None]
+    want_dh, want_dw = g @ w.T, np.einsum("tbsd,tbsv->dv", h, g)
+    for block in (0, 4):
+        def f(h, w, wt, zw):
+            return lj.fused_step_cross_entropy(h, w, jnp.asarray(y), wt, zw, block_tokens=block)[0]
+        args = [jnp.asarray(a, jnp.float32) for a in (pb["hidden"], pb["w"], weight, z_weight)]
+        value, (dh, dw, dwt, dzw) = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(*args)
+        np.testing.assert_allclose(value, want, rtol=1e-5)
+        np.testing.assert_allclose(dh, want_dh, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dwt, ce, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dzw, lse[-1] ** 2, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("ce_block", [0, 2])
 @pytest.mark.parametrize("objective", ["ouro", "pondernet", "final", "mixture"])
 def test_chunked_objectives_equal_materialised_values_and_grads(objective, ce_block):

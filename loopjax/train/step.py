@@ -16,6 +16,7 @@ from flax import nnx
 
 from loopjax import halting
 from loopjax.config import HaltingConfig, TrainConfig
+from loopjax.partitioning import LOGITS_BSV, with_logical_constraint
 from loopjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -71,6 +72,8 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
         out = model(inputs, return_steps=hcfg.objective != "final", **layout_kwargs(batch))
     head_fn, prepare_fn = _readout_fns(model, batch)
     ce_TBS = None
+    if hcfg.chunked and hcfg.objective in ("ouro", "pondernet") and not model.coda:
+        return _fused_objective_loss(model, out, batch, hcfg, z_loss)
     if hcfg.chunked:
         # With every loop run, the last step state is the read-out state: one blocked pass over all steps gives
         # the objective's CE, the final CE and the z-loss's logsumexp.
@@ -96,11 +99,36 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
         total = total + z_loss * z
         metrics["z_loss"] = z
     metrics.update(loss=loss, ce_final=ce_final)
-    if out.exit_pdf is not None:
-        pdf = out.exit_pdf
-        entropy = -jnp.sum(pdf * jnp.log(jnp.maximum(pdf, 1e-30)), axis=-1)
-        depth = jnp.sum(pdf * jnp.arange(1, pdf.shape[-1] + 1, dtype=pdf.dtype), axis=-1)
-        metrics.update(exit_entropy=masked_mean(entropy, mask), exit_depth=masked_mean(depth, mask))
+    metrics.update(_exit_metrics(out, mask))
+    return total, metrics
+
+
+def _exit_metrics(out, mask: jax.Array | None) -> Metrics:
+    if out.exit_pdf is None:
+        return {}
+    pdf = out.exit_pdf
+    entropy = -jnp.sum(pdf * jnp.log(jnp.maximum(pdf, 1e-30)), axis=-1)
+    depth = jnp.sum(pdf * jnp.arange(1, pdf.shape[-1] + 1, dtype=pdf.dtype), axis=-1)
+    return dict(exit_entropy=masked_mean(entropy, mask), exit_depth=masked_mean(depth, mask))
+
+
+def _fused_objective_loss(model, out, batch: Batch, hcfg: HaltingConfig,
+                          z_loss: float) -> tuple[jax.Array, Metrics]:
+    """``objective_loss`` for "ouro" / "pondernet" with ``chunked`` and no coda: every loop's CE and its gradient
+    in one blocked pass over the head (``halting.fused_step_cross_entropy``), the z-loss on the last loop's."""
+    targets, mask = batch["targets"], batch.get("mask")
+    weight_TBS, regulariser = halting.expected_loss_terms(hcfg, out.gate_logits, mask)
+    m = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    z_weight = z_loss * m / jnp.maximum(m.sum(), 1.0) if z_loss > 0 else None
+    ce_part, ce_TBS, lse_TBS = halting.fused_step_cross_entropy(
+        out.step_hidden, model.head_weight(), targets, weight_TBS, z_weight, block_tokens=hcfg.ce_block,
+        logits_fn=lambda x: with_logical_constraint(x, LOGITS_BSV),
+        dw_fn=lambda x: with_logical_constraint(x, ("embed", "vocab")))
+    total = ce_part + regulariser
+    loss = jnp.sum(jax.lax.stop_gradient(weight_TBS) * ce_TBS) + regulariser
+    metrics: Metrics = dict(loss=loss, ce_final=masked_mean(ce_TBS[-1], mask), **_exit_metrics(out, mask))
+    if z_loss > 0:
+        metrics["z_loss"] = masked_mean(jnp.square(lse_TBS[-1]), mask)
     return total, metrics
 
 
