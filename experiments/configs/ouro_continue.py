@@ -27,7 +27,8 @@ def get_config() -> Experiment:
         model = lj.ouro_1_4b()
     train = TrainConfig(steps=1000, batch_size=8, seq_len=min(1024, model.max_seq_len), learning_rate=3e-5,
                         schedule="cosine", warmup_steps=50, weight_decay=0.1, grad_clip=1.0,
-                        objective=HaltingConfig(objective="ouro", beta=0.1), log_every=10, eval_every=200,
-                        eval_batches=4, ckpt_every=200)
+                        # chunked: no [T, B, S, V] logits (6 GB at these sizes); the head + CE run in blocks
+                        objective=HaltingConfig(objective="ouro", beta=0.1, chunked=True), log_every=10,
+                        eval_every=200, eval_batches=4, ckpt_every=200)
     data = DataConfig(source="tokens", prepared="corpus")
     return Experiment(model=model, train=train, data=data)
