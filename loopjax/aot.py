@@ -24,7 +24,10 @@ How the numbers are made (each compile runs in a worker subprocess started with 
   recomputing the forward is counted), and costed analytically: one unit = 2·(attended pairs)·N·H FLOPs per
   sequence (causal: S²/2 pairs); fwd = 2 units, dq = 3, dkv = 4 (5 when fused with dq). Their time is their
   FLOPs at the calibrated peak: the FLOP/s ``optimal_seconds`` gives a bf16 8192³ matmul on that chip.
-- est_step_s = fitted ``optimal_seconds`` + kernel time; est_mfu = model FLOPs / (chips · peak · est_step_s),
+- est_step_s = fitted ``optimal_seconds`` + kernel time (``est_basis`` "optimal_seconds"); where XLA's cost model
+  gives no time (negative ``optimal_seconds``, as this libtpu does for v5e / v6e steps with collectives), all
+  FLOPs at the calibrated peak (``est_basis`` "flops_at_peak", a warning says est_mfu is then an upper bound);
+  est_mfu = model FLOPs / (chips · peak · est_step_s),
   where model FLOPs are ``train_flops(..., causal=True)`` (causal attention counted once, no remat).
 """
 
@@ -289,6 +292,16 @@ def _calibrated_peak(devices: list) -> float:
     return cost["flops"] / cost["optimal_seconds"]
 
 
+def step_time_estimate(xla_seconds: float, xla_flops: float, kernel_flops: float, peak: float,
+                       min_variant_seconds: float) -> tuple[float, str]:
+    """(est step seconds, basis): XLA's fitted ``optimal_seconds`` plus the kernels at ``peak``; where XLA's cost
+    model returns no usable time (a variant's ``optimal_seconds`` <= 0, as libtpu gives for v5e / v6e programs
+    with collectives), all FLOPs at ``peak`` ("flops_at_peak", a lower bound on the time)."""
+    if min_variant_seconds > 0 and xla_seconds > 0:
+        return xla_seconds + kernel_flops / peak, "optimal_seconds"
+    return (xla_flops + kernel_flops) / peak, "flops_at_peak"
+
+
 def _target_from_json(d: dict) -> AotTarget:
     train = dict(d["train"])
     train["objective"] = HaltingConfig(**train["objective"])
@@ -429,7 +442,12 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
                   * tcfg.batch_size / tcfg.grad_accum / chips)  # one kernel call covers a micro-batch's share
     kernel_flops = sum(calls[k] * units[k] * unit_flops for k in calls)
     peak_cal = cost["calibrated_peak"]
-    est_step = xla_seconds + kernel_flops / peak_cal
+    est_step, basis = step_time_estimate(xla_seconds, xla_flops, kernel_flops, peak_cal,
+                                         min(v["optimal_seconds"] for v in vs))
+    if basis != "optimal_seconds":
+        report["warnings"].append("XLA's cost model gives no step time for this chip (optimal_seconds < 0 in a "
+                                  "costing variant): est_step_s is all FLOPs at the calibrated peak, so est_mfu is "
+                                  "an upper bound (memory-bound work and collectives not counted)")
     whiles = max(v["while"] for v in vs)
     if whiles:
         report["warnings"].append(f"{whiles} while loop(s) left in a costing variant: their bodies are counted once, "
@@ -439,7 +457,8 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
     report.update({
         "xla_tflop_per_chip": (xla_flops + kernel_flops) / 1e12, "xla_seen_tflop_per_chip": xla_flops / 1e12,
         "kernel_tflop_per_chip": kernel_flops / 1e12, "calibrated_peak_tflops": peak_cal / 1e12,
-        "est_step_s": est_step, "est_mfu": model_flops / (chips * chip.peak_flops * est_step),
+        "est_step_s": est_step, "est_basis": basis,
+        "est_mfu": model_flops / (chips * chip.peak_flops * est_step),
         "est_tokens_per_s": tcfg.batch_size * tcfg.seq_len / est_step,
         "costing": {"mode": cost_mode, "while_loops_left": whiles, "kernel_calls_per_step": calls,
                     "variants": vs},

@@ -67,6 +67,12 @@ def test_fitted_cost_matches_fully_unrolled_compile():
         assert fitted == pytest.approx(full[key], rel=0.10), key
 
 
+def test_step_time_falls_back_to_flops_at_peak_where_xla_gives_no_time():
+    assert aot.step_time_estimate(0.5, 100e12, 20e12, 400e12, 0.01) == (0.5 + 0.05, "optimal_seconds")
+    # libtpu's cost model returns negative optimal_seconds for v5e / v6e steps with collectives
+    assert aot.step_time_estimate(-3000.0, 100e12, 20e12, 400e12, -28.0) == (0.3, "flops_at_peak")
+
+
 def test_bad_topology_and_mesh_name_the_flag(capsys):
     assert main(["aot", "tiny", "--topology", "v9x:2x2"]) == 2
     assert "--topology='v9x:2x2'" in capsys.readouterr().err
