@@ -24,7 +24,8 @@ __all__ = [
     "ACTExit", "ConvergenceExit", "FixedExit", "GenerateOutput", "HaltingConfig", "KVCache", "LoopedConfig",
     "LoopedCore", "LoopedLM", "LoopedOutput", "MeshConfig", "QExit", "Sampling", "TextGeneration", "TrainConfig",
     "act_loss", "analysis", "chunked_step_cross_entropy", "count_params", "data", "exit_cdf", "exit_distribution",
-    "expected_loss_terms", "final_step_loss", "fused_step_cross_entropy", "forward_flops", "generate", "generate_text", "halting_loss", "load_ouro", "make_mesh",
+    "expected_loss_terms", "final_step_loss", "forward_flops", "fused_step_cross_entropy", "generate",
+    "generate_text", "halting_loss", "load_ouro", "make_mesh",
     "mixture_logits", "mixture_logits_loss", "ouro_1_4b", "ouro_2_6b", "ouro_expected_loss", "ouro_gate_loss",
     "pondernet_loss", "sample_loop_count", "save_ouro", "step_cross_entropy", "tiny", "train", "train_flops",
 ]

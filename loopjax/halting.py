@@ -449,7 +449,7 @@ def fused_step_cross_entropy(step_hidden_TBSD: jax.Array, w_DV: jax.Array, label
     through the exit gate (its gradient, CE_t, flows back as usual). ``logits_fn`` / ``dw_fn``: sharding
     constraints for a logits block [B, block, V] and the accumulated head gradient [D, V].
     """
-    t, b, s, d = step_hidden_TBSD.shape
+    t, b, s, _ = step_hidden_TBSD.shape
     blk = s if block_tokens <= 0 or block_tokens >= s else block_tokens
     n_blk = -(-s // blk)
     pad = n_blk * blk - s
