@@ -390,6 +390,42 @@ def step_cross_entropy(step_logits_TBSV: jax.Array, labels_BS: jax.Array) -> jax
     return cross_entropy(step_logits_TBSV, labels_BS[None])
 
 
+def _position_blocks(block_fn: Callable, carry: Any, xs_BS: tuple[jax.Array, ...], block_tokens: int
+                     ) -> tuple[Any, Any]:
+    """Run ``block_fn(carry, xs_Bb, valid_b) -> (carry, outs_Bb)`` over blocks of positions of [B, S, ...] arrays.
+
+    Blocks are cut with ``dynamic_slice`` along S and their outputs written back with ``dynamic_update_slice``: no
+    reshape or transpose of the inputs, so their batch sharding survives (a reshape into [n_blk, B, blk, ...] had
+    the partitioner gather the global batch). S need not be a multiple of the block: the last block starts at
+    S − blk and ``valid_b`` marks its positions not already covered (its overlap is rewritten with equal values);
+    ``valid_b`` is None where every block is whole. Returns (carry, outs) with each output [B, S, ...].
+    """
+    s = xs_BS[0].shape[1]
+    blk = s if block_tokens <= 0 or block_tokens >= s else block_tokens
+    n_blk = -(-s // blk)
+    if n_blk == 1:
+        return block_fn(carry, xs_BS, None)
+
+    def sliced(i):
+        start = jnp.minimum(i * blk, s - blk)
+        return start, tuple(jax.lax.dynamic_slice_in_dim(x, start, blk, axis=1) for x in xs_BS)
+
+    ragged = s % blk != 0
+    xs_spec = tuple(jax.ShapeDtypeStruct((x.shape[0], blk, *x.shape[2:]), x.dtype) for x in xs_BS)
+    out_shapes = jax.eval_shape(lambda c, xs: block_fn(c, xs, None)[1], carry, xs_spec)
+    outs0 = jax.tree.map(lambda o: jnp.zeros((o.shape[0], s, *o.shape[2:]), o.dtype), out_shapes)
+
+    def body(c, i):
+        acc, outs = c
+        start, xs_Bb = sliced(i)
+        acc, outs_Bb = block_fn(acc, xs_Bb, (start + jnp.arange(blk) >= i * blk) if ragged else None)
+        outs = jax.tree.map(lambda o, ob: jax.lax.dynamic_update_slice_in_dim(o, ob, start, axis=1), outs, outs_Bb)
+        return (acc, outs), None
+
+    (carry, outs), _ = jax.lax.scan(body, (carry, outs0), jnp.arange(n_blk))
+    return carry, outs
+
+
 def chunked_step_cross_entropy(step_hidden_TBSD: jax.Array, head_fn: HeadFn, labels_BS: jax.Array, *,
                                block_tokens: int = 0, prepare_fn: HeadFn | None = None,
                                return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -402,33 +438,17 @@ def chunked_step_cross_entropy(step_hidden_TBSD: jax.Array, head_fn: HeadFn, lab
     ([B, S, D] -> [B, S, D]), run on each whole step and rematerialised. ``return_lse``: also return the
     logsumexp of the logits [T, B, S] (a z-loss needs it).
     """
-    _, b, s, _ = step_hidden_TBSD.shape
-    blk = s if block_tokens <= 0 or block_tokens >= s else block_tokens
-    n_blk = -(-s // blk)
-    pad = n_blk * blk - s
-
     @jax.checkpoint
     def block_stats(h_BbD: jax.Array, y_Bb: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = head_fn(h_BbD).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         return lse - jnp.take_along_axis(logits, y_Bb[..., None].astype(jnp.int32), axis=-1)[..., 0], lse
 
-    def blocks(x_BS: jax.Array) -> jax.Array:  # [B, S, ...] -> [n_blk, B, blk, ...], padded at the end
-        x = jnp.pad(x_BS, [(0, 0), (0, pad)] + [(0, 0)] * (x_BS.ndim - 2))
-        return jnp.moveaxis(x.reshape(b, n_blk, blk, *x_BS.shape[2:]), 1, 0)
-
-    def unblock(x_nBb: jax.Array) -> jax.Array:
-        return jnp.moveaxis(x_nBb, 0, 1).reshape(b, n_blk * blk)[:, :s]
-
     prepare = jax.checkpoint(prepare_fn) if prepare_fn is not None else (lambda h: h)
-    labels_nBb = blocks(labels_BS) if n_blk > 1 else labels_BS
 
     def one_step(h_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        h = prepare(h_BSD)
-        if n_blk == 1:
-            return block_stats(h, labels_nBb)
-        ce, lse = jax.lax.map(lambda xs: block_stats(*xs), (blocks(h), labels_nBb))
-        return unblock(ce), unblock(lse)
+        return _position_blocks(lambda c, xs, valid: (c, block_stats(*xs)), (), (prepare(h_BSD), labels_BS),
+                                block_tokens)[1]
 
     ce_TBS, lse_TBS = jax.lax.map(one_step, step_hidden_TBSD)
     return (ce_TBS, lse_TBS) if return_lse else ce_TBS
@@ -450,29 +470,15 @@ def fused_step_cross_entropy(step_hidden_TBSD: jax.Array, w_DV: jax.Array, label
     constraints for a logits block [B, block, V] and the accumulated head gradient [D, V].
     """
     t, b, s, _ = step_hidden_TBSD.shape
-    blk = s if block_tokens <= 0 or block_tokens >= s else block_tokens
-    n_blk = -(-s // blk)
-    pad = n_blk * blk - s
     constrain_logits = logits_fn or (lambda x: x)
     constrain_dw = dw_fn or (lambda x: x)
     if z_weight_BS is None:
         z_weight_BS = jnp.zeros((b, s), jnp.float32)
 
-    def blocks(x_TBS: jax.Array) -> jax.Array:  # [T, B, S, ...] -> [T·n_blk, B, blk, ...], padded at the end
-        x = jnp.pad(x_TBS, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x_TBS.ndim - 3))
-        x = jnp.moveaxis(x.reshape(t, b, n_blk, blk, *x_TBS.shape[3:]), 2, 1)
-        return x.reshape(t * n_blk, b, blk, *x_TBS.shape[3:])
-
-    def unblock(x: jax.Array) -> jax.Array:  # inverse of ``blocks`` for [T·n_blk, B, blk, ...]
-        x = jnp.moveaxis(x.reshape(t, n_blk, b, blk, *x.shape[3:]), 1, 2)
-        return x.reshape(t, b, n_blk * blk, *x.shape[4:])[:, :, :s]
-
     def forward(h, w, weight, z_weight):
         zw_TBS = jnp.zeros((t, b, s), jnp.float32).at[-1].set(z_weight.astype(jnp.float32))
-        labels = blocks(jnp.broadcast_to(labels_BS, (t, b, s)))
-        xs = (blocks(h), labels, blocks(weight.astype(jnp.float32)), blocks(zw_TBS))
 
-        def block(dw, xs):
+        def block(dw, xs, valid_b):
             h_b, y_b, wt_b, zw_b = xs
             logits = constrain_logits(jnp.matmul(h_b, w, preferred_element_type=jnp.float32))
             lse = jax.nn.logsumexp(logits, axis=-1)
@@ -481,13 +487,19 @@ def fused_step_cross_entropy(step_hidden_TBSD: jax.Array, w_DV: jax.Array, label
             onehot = jax.nn.one_hot(y_b, logits.shape[-1], dtype=jnp.float32)
             g = (prob * (wt_b + 2.0 * zw_b * lse)[..., None] - onehot * wt_b[..., None]).astype(h_b.dtype)
             dh = jnp.matmul(g, w.T, preferred_element_type=jnp.float32).astype(h_b.dtype)
+            if valid_b is not None:  # a position the last block covers again counts once
+                h_b = jnp.where(valid_b[:, None], h_b, jnp.zeros_like(h_b))
             dw = dw + constrain_dw(jnp.einsum("bsd,bsv->dv", h_b, g, preferred_element_type=jnp.float32))
             return dw, (ce, lse, dh)
 
-        dw, (ce, lse, dh) = jax.lax.scan(block, constrain_dw(jnp.zeros(w.shape, jnp.float32)), xs)
-        ce, lse = unblock(ce), unblock(lse)
+        def one_step(dw, xs_BS):  # one loop step: states, weights, z-weights
+            h_BSD, wt_BS, zw_BS = xs_BS
+            return _position_blocks(block, dw, (h_BSD, labels_BS, wt_BS, zw_BS), block_tokens)
+
+        dw, (ce, lse, dh) = jax.lax.scan(one_step, constrain_dw(jnp.zeros(w.shape, jnp.float32)),
+                                         (h, weight.astype(jnp.float32), zw_TBS))
         loss = jnp.sum(weight.astype(jnp.float32) * ce) + jnp.sum(z_weight.astype(jnp.float32) * lse[-1] ** 2)
-        return (loss, ce, lse), (unblock(dh), dw.astype(w.dtype), ce, lse[-1] ** 2)
+        return (loss, ce, lse), (dh, dw.astype(w.dtype), ce, lse[-1] ** 2)
 
     @jax.custom_vjp
     def fused(h, w, weight, z_weight):

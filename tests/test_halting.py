@@ -271,7 +271,7 @@ def test_blocked_step_cross_entropy_grads_equal_unblocked():
         return (ce * weight).sum() + 0.1 * (lse ** 2 * weight).sum()
 
     v0, g0 = jax.value_and_grad(loss, argnums=(0, 1))(pb["hidden"], pb["w"], 0)
-    for block in (3, 6):
+    for block in (3, 6, 12):
         v1, g1 = jax.value_and_grad(loss, argnums=(0, 1))(pb["hidden"], pb["w"], block)
         np.testing.assert_allclose(v1, v0, rtol=1e-6)
         for a, b in zip(g1, g0):
@@ -294,7 +294,7 @@ def test_fused_step_cross_entropy_matches_float64_numpy_values_and_grads():
     zw[-1] = z_weight
     g = prob * (weight + 2 * zw * lse)[..., None] - np.eye(11)[y][None] * weight[..., None]
     want_dh, want_dw = g @ w.T, np.einsum("tbsd,tbsv->dv", h, g)
-    for block in (0, 4):
+    for block in (0, 4, 12):
         def f(h, w, wt, zw):
             return lj.fused_step_cross_entropy(h, w, jnp.asarray(y), wt, zw, block_tokens=block)[0]
         args = [jnp.asarray(a, jnp.float32) for a in (pb["hidden"], pb["w"], weight, z_weight)]
