@@ -25,7 +25,8 @@ How the numbers are made (each compile runs in a worker subprocess started with 
   sequence (causal: S²/2 pairs); fwd = 2 units, dq = 3, dkv = 4 (5 when fused with dq). Their time is their
   FLOPs at the calibrated peak: the FLOP/s ``optimal_seconds`` gives a bf16 8192³ matmul on that chip.
 - est_step_s = fitted ``optimal_seconds`` + kernel time (``est_basis`` "optimal_seconds"); where XLA's cost model
-  gives no time (negative ``optimal_seconds``, as this libtpu does for v5e / v6e steps with collectives), all
+  gives no time (negative ``optimal_seconds``: libtpu 0.0.42 counts −1 s for each op it cannot cost, e.g. every
+  cross-slice DCN collective of a multi-slice topology and some ops of v5e / v6e train steps), all
   FLOPs at the calibrated peak (``est_basis`` "flops_at_peak", a warning says est_mfu is then an upper bound);
   est_mfu = model FLOPs / (chips · peak · est_step_s),
   where model FLOPs are ``train_flops(..., causal=True)`` (causal attention counted once, no remat).
@@ -445,8 +446,8 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
     est_step, basis = step_time_estimate(xla_seconds, xla_flops, kernel_flops, peak_cal,
                                          min(v["optimal_seconds"] for v in vs))
     if basis != "optimal_seconds":
-        report["warnings"].append("XLA's cost model gives no step time for this chip (optimal_seconds < 0 in a "
-                                  "costing variant): est_step_s is all FLOPs at the calibrated peak, so est_mfu is "
+        report["warnings"].append("XLA's cost model gives no step time here (optimal_seconds < 0 in a costing "
+                                  "variant: -1 s per op it cannot cost, such as cross-slice collectives): est_step_s is all FLOPs at the calibrated peak, so est_mfu is "
                                   "an upper bound (memory-bound work and collectives not counted)")
     whiles = max(v["while"] for v in vs)
     if whiles:
