@@ -515,6 +515,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "positions), as prepared corpora give")
     p.add_argument("--sweep-remat", action="store_true", help="compile every remat policy (and scope) and compare")
     p.add_argument("--policies", default=None, metavar="P1,P2", help="--sweep-remat: only these remat policies")
+    p.add_argument("--scopes", default=None, metavar="S1,S2", help="--sweep-remat: only these remat scopes "
+                   "(loop, layer, both)")
     p.add_argument("--cost", choices=("fit", "full", "none"), default="fit",
                    help="fit: unrolled L∈{1,2}×T∈{1,2} variants, fitted (default); full: one fully unrolled "
                         "compile at the model's L, T; none: memory only")
@@ -542,13 +544,18 @@ def cmd_aot(args: argparse.Namespace) -> int:
     else:
         rows = []
         choices = remat_choices(target.model)
-        if args.policies:
-            wanted = [p.strip() for p in args.policies.split(",") if p.strip()]
-            known = {c["remat_policy"] for c in choices}
+        for flag, key, text in (("--policies", "remat_policy", args.policies),
+                                ("--scopes", "remat_scope", getattr(args, "scopes", None))):
+            if not text:
+                continue
+            wanted = [p.strip() for p in text.split(",") if p.strip()]
+            known = {c[key] for c in choices if key in c}
             for name in wanted:
                 if name not in known:
-                    raise ValueError(f"--policies: {name!r} is not a remat policy; known: {sorted(known)}")
-            choices = [c for c in choices if c["remat_policy"] in wanted]
+                    raise ValueError(f"{flag}: {name!r} is not a {key.replace('_', ' ')}; known: {sorted(known)}")
+            # with no remat there is no scope: "none" stays in a scope-filtered sweep
+            choices = [c for c in choices if c.get(key) in wanted
+                       or (key == "remat_scope" and c["remat_policy"] == "none")]
         for choice in choices:
             model = target.model.replace(**choice)
             row = analyze(AotTarget(model, target.train), args.topology, args.num_slices, args.cost, log=log,

@@ -73,6 +73,33 @@ def test_step_time_falls_back_to_flops_at_peak_where_xla_gives_no_time():
     assert aot.step_time_estimate(-3000.0, 100e12, 20e12, 400e12, -28.0) == (0.3, "flops_at_peak")
 
 
+def test_sweep_remat_compares_policies_and_recommends_one_that_fits(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    code = main(["aot", "tiny", "--topology", "v5e:2x2", "--seq", SEQ, "--batch", "8", "--mesh", "fsdp=4",
+                 "--json", str(out), *SMALL, "--sweep-remat", "--policies", "none,full,save_dots",
+                 "--scopes", "layer"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    got = [(row["remat_policy"], row["remat_scope"]) for row in r["rows"]]
+    assert got == [("none", "loop"), ("full", "layer"), ("save_dots", "layer")]  # "none" has no scope to filter
+    assert all(row["est_mfu"] > 0 and row["fits"] for row in r["rows"])
+    best = max(r["rows"], key=lambda row: row["est_mfu"])
+    assert r["recommended"] == {"remat_policy": best["remat_policy"], "remat_scope": best["remat_scope"]}
+    assert f"recommended: remat_policy={best['remat_policy']}" in printed
+    # More recompute is more work: full remat costs at least what saving the dots does, which is at least none.
+    tflop = {row["remat_policy"]: row["xla_tflop_per_chip"] for row in r["rows"]}
+    assert tflop["full"] >= tflop["save_dots"] >= tflop["none"]
+
+
+def test_sweep_filters_name_the_flag(capsys):
+    for flag, value in (("--policies", "fulll"), ("--scopes", "block")):
+        assert main(["aot", "tiny", "--topology", "v5e:2x2", "--seq", SEQ, "--mesh", "fsdp=4", "--sweep-remat",
+                     flag, value]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and repr(value) in err
+
+
 def test_bad_topology_and_mesh_name_the_flag(capsys):
     assert main(["aot", "tiny", "--topology", "v9x:2x2"]) == 2
     assert "--topology='v9x:2x2'" in capsys.readouterr().err
