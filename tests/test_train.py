@@ -141,7 +141,7 @@ def test_ouro_objective_matches_float64_reference():
 def test_chunked_objective_equals_materialised_logits_with_coda_and_z_loss(objective, n_coda):
     """hcfg.chunked: CE, z-loss and ce_final from blocks of positions (a block size not dividing S, a coda layer
     the blocks must not split; without a coda "ouro" / "pondernet" take the fused head + CE with its gradient
-    formed in the forward pass) give the values and gradients of the materialised-logits path."""
+    formed in the forward pass, after the coda where there is one) give the values and gradients of the materialised-logits path."""
     model = lj.LoopedLM(tiny_model(n_coda=n_coda), rngs=nnx.Rngs(4))
     model.core.gate.b[...] = jnp.float32(-0.5)
     graphdef, params = nnx.split(model)

@@ -71,18 +71,12 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
     else:
         out = model(inputs, return_steps=hcfg.objective != "final", **layout_kwargs(batch))
     head_fn, prepare_fn = _readout_fns(model, batch)
-    ce_TBS = None
-    if hcfg.chunked and hcfg.objective in ("ouro", "pondernet") and not model.coda:
-        return _fused_objective_loss(model, out, batch, hcfg, z_loss)
-    if hcfg.chunked:
-        # With every loop run, the last step state is the read-out state: one blocked pass over all steps gives
-        # the objective's CE, the final CE and the z-loss's logsumexp.
-        per_step = hcfg.objective in ("ouro", "pondernet") and not hcfg.random_loops
+    if hcfg.chunked and hcfg.objective in ("ouro", "pondernet"):
+        return _fused_objective_loss(model, out, batch, hcfg, z_loss, prepare_fn)
+    if hcfg.chunked:  # the read-out state's CE and logsumexp (ce_final, the z-loss) in one blocked pass
         ce_TBS, lse_TBS = halting.chunked_step_cross_entropy(
-            out.step_hidden if per_step else out.hidden[None], head_fn, targets, block_tokens=hcfg.ce_block,
-            prepare_fn=prepare_fn, return_lse=True)
-        ce_BS, lse_BS = ce_TBS[-1], lse_TBS[-1]
-        ce_TBS = ce_TBS if per_step else None
+            out.hidden[None], head_fn, targets, block_tokens=hcfg.ce_block, prepare_fn=prepare_fn, return_lse=True)
+        ce_BS, lse_BS = ce_TBS[0], lse_TBS[0]
     else:
         ce_BS, lse_BS = halting.cross_entropy(out.logits, targets), None
     ce_final = masked_mean(ce_BS, mask)
@@ -91,7 +85,7 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
     else:
         loss = halting.halting_loss(hcfg, gate_BST=out.gate_logits, labels_BS=targets, mask_BS=mask,
                                     step_logits_TBSV=out.step_logits, step_hidden_TBSD=out.step_hidden,
-                                    head_fn=head_fn, prepare_fn=prepare_fn, gate_fn=model.core.gate, ce_TBS=ce_TBS)
+                                    head_fn=head_fn, prepare_fn=prepare_fn, gate_fn=model.core.gate)
     total = loss
     if z_loss > 0:
         lse = jax.nn.logsumexp(out.logits, axis=-1) if lse_BS is None else lse_BS
@@ -112,16 +106,18 @@ def _exit_metrics(out, mask: jax.Array | None) -> Metrics:
     return dict(exit_entropy=masked_mean(entropy, mask), exit_depth=masked_mean(depth, mask))
 
 
-def _fused_objective_loss(model, out, batch: Batch, hcfg: HaltingConfig,
-                          z_loss: float) -> tuple[jax.Array, Metrics]:
-    """``objective_loss`` for "ouro" / "pondernet" with ``chunked`` and no coda: every loop's CE and its gradient
-    in one blocked pass over the head (``halting.fused_step_cross_entropy``), the z-loss on the last loop's."""
+def _fused_objective_loss(model, out, batch: Batch, hcfg: HaltingConfig, z_loss: float,
+                          prepare_fn: Callable | None) -> tuple[jax.Array, Metrics]:
+    """``objective_loss`` for "ouro" / "pondernet" with ``chunked``: every loop's CE and its gradient in one
+    blocked pass over the head (``halting.fused_step_cross_entropy``), the z-loss on the last loop's. Coda layers
+    (``prepare_fn``, sequence-wise) run on each loop's state first, rematerialised in the backward pass."""
     targets, mask = batch["targets"], batch.get("mask")
+    h_TBSD = out.step_hidden if prepare_fn is None else jax.lax.map(jax.checkpoint(prepare_fn), out.step_hidden)
     weight_TBS, regulariser = halting.expected_loss_terms(hcfg, out.gate_logits, mask)
     m = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     z_weight = z_loss * m / jnp.maximum(m.sum(), 1.0) if z_loss > 0 else None
     ce_part, ce_TBS, lse_TBS = halting.fused_step_cross_entropy(
-        out.step_hidden, model.head_weight(), targets, weight_TBS, z_weight, block_tokens=hcfg.ce_block,
+        h_TBSD, model.head_weight(), targets, weight_TBS, z_weight, block_tokens=hcfg.ce_block,
         logits_fn=lambda x: with_logical_constraint(x, LOGITS_BSV),
         dw_fn=lambda x: with_logical_constraint(x, ("embed", "vocab")))
     total = ce_part + regulariser
