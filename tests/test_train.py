@@ -140,8 +140,8 @@ def test_ouro_objective_matches_float64_reference():
                                               ("pondernet", 0), ("final", 0)])
 def test_chunked_objective_equals_materialised_logits_with_coda_and_z_loss(objective, n_coda):
     """hcfg.chunked: CE, z-loss and ce_final from blocks of positions (a block size not dividing S, a coda layer
-    the blocks must not split; without a coda "ouro" / "pondernet" take the fused head + CE with its gradient
-    formed in the forward pass, after the coda where there is one) give the values and gradients of the materialised-logits path."""
+    the blocks must not split; "ouro" / "pondernet" take the fused head + CE, its gradient formed in the forward
+    pass, after the coda where there is one) give the values and gradients of the materialised-logits path."""
     model = lj.LoopedLM(tiny_model(n_coda=n_coda), rngs=nnx.Rngs(4))
     model.core.gate.b[...] = jnp.float32(-0.5)
     graphdef, params = nnx.split(model)
