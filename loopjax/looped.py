@@ -69,8 +69,9 @@ def remat_layer(layer: nnx.Module, policy_name: str, scope: str) -> Callable:
         return layer
     graphdef, state = nnx.split(layer)
 
-    def call(state, *args):
-        return nnx.merge(graphdef, state)(*args)
+    def call(state, x, *args):
+        # tagged inside the checkpoint too: only there can an offload policy move the layer input to the host
+        return nnx.merge(graphdef, state)(checkpoint_name(x, LAYER_INPUT), *args)
 
     # The k layers are unrolled in one loop body: without the barrier XLA may schedule every layer's recompute
     # ahead of the backward (or, nested, merge it with the loop's), holding all k layers' internals again.

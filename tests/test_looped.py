@@ -191,3 +191,15 @@ def test_every_remat_policy_and_scope_gives_the_no_remat_gradients(policy, scope
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), got, want)
 
+
+@pytest.mark.parametrize("policy,scope,scan_layers", [("offload", "layer", True), ("offload", "layer", False),
+                                                      ("save_dots_offload", "layer", True), ("offload", "loop", False),
+                                                      ("offload", "both", False), ("full", "layer", True)])
+def test_offload_policies_move_states_to_host_under_every_scope(policy, scope, scan_layers):
+    """The gradient's program puts saved states on ``pinned_host`` for the offload policies (also under per-layer
+    remat, where the layer input must be tagged inside the layer's checkpoint), and nothing for the others."""
+    model = _model(remat_policy=policy, remat_scope=scope, scan_layers=scan_layers, **_REMAT_KW)
+    jaxpr = str(jax.make_jaxpr(_loss_and_grads)(model, _tokens(s=12)))
+    moves = jaxpr.count("<host>")  # arrays typed as living in host memory
+    assert (moves > 0) == policy.endswith("offload"), (policy, scope, moves)
+
