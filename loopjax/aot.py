@@ -556,13 +556,20 @@ def cmd_aot(args: argparse.Namespace) -> int:
             # with no remat there is no scope: "none" stays in a scope-filtered sweep
             choices = [c for c in choices if c.get(key) in wanted
                        or (key == "remat_scope" and c["remat_policy"] == "none")]
+        skipped = []
         for choice in choices:
             model = target.model.replace(**choice)
-            row = analyze(AotTarget(model, target.train), args.topology, args.num_slices, args.cost, log=log,
-                          packed=args.packed)
+            try:
+                row = analyze(AotTarget(model, target.train), args.topology, args.num_slices, args.cost, log=log,
+                              packed=args.packed)
+            except ValueError as err:  # a choice this topology cannot compile: reported, the sweep goes on
+                skipped.append({**choice, "error": str(err)})
+                continue
             row["config"] = args.config
             rows.append(row)
         print(format_table(rows))
+        for s in skipped:
+            print(f"not compiled: remat_policy={s['remat_policy']}, remat_scope={s.get('remat_scope')}: {s['error']}")
         ok = [r for r in rows if r["headroom_frac"] >= HEADROOM and r.get("est_mfu") is not None]
         best = max(ok, key=lambda r: r["est_mfu"]) if ok else None
         if best is None:
@@ -571,7 +578,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
             scope = f", remat_scope={best['remat_scope']}" if best.get("remat_scope") else ""
             print(f"recommended: remat_policy={best['remat_policy']}{scope} (est MFU {best['est_mfu']:.1%}, "
                   f"{best['per_chip_total_gib']:.2f} GiB of {best['hbm_gib']:.0f} per chip)")
-        out = {"rows": rows, "recommended": None if best is None else
+        out = {"rows": rows, "skipped": skipped, "recommended": None if best is None else
                {k: best.get(k) for k in ("remat_policy", "remat_scope")}}
     if args.json:
         with open(args.json, "w") as f:

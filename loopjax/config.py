@@ -81,7 +81,8 @@ class LoopedConfig:
         projections and MLP, not attention scores), "save_qkv" (save only the q/k/v projections, by their
         checkpoint names), "save_dots_offload" (as "minimal", with the layer inputs moved to host memory),
         "offload" (save nothing on the device; move each layer's and loop's input state to pinned host
-        memory instead of keeping it in HBM).
+        memory instead of keeping it in HBM). On TPU the offload policies need remat_scope "loop" / "both" or
+        scan_layers=False (``looped.tpu_remat_problem``: XLA cannot offload a nested layer scan's residuals).
       remat_scope: where ``jax.checkpoint`` goes: "loop" (around each loop iteration: its backward holds all k
         layers' internals at once), "layer" (around each layer inside each loop: the scan keeps the k layer
         inputs of every loop, a layer's backward holds one layer's internals), "both" (nested: the scan keeps one

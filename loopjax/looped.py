@@ -51,6 +51,20 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 _OUTER_OF_NESTED = {"save_dots_offload": _offload(LOOP_STATE), "offload": _offload(LOOP_STATE)}
 
 
+def tpu_remat_problem(cfg: LoopedConfig) -> str | None:
+    """Why XLA:TPU cannot compile ``cfg``'s remat choice, or None.
+
+    Offloading the layer inputs of a layer scan nested in the scan over loops (offload policy, scope "layer",
+    ``scan_layers``) fails in libtpu 0.0.42's compiler ("Bitcast cannot have different memory spaces") at
+    realistic sizes: the host-resident [T, k, B, S, D] residual stack gets two layouts."""
+    if cfg.remat_policy.endswith("offload") and cfg.remat_scope == "layer" and cfg.scan_layers and cfg.n_layers > 1:
+        return (f"model.remat_policy={cfg.remat_policy!r} with model.remat_scope='layer' and model.scan_layers=True "
+                "does not compile on TPU (XLA cannot offload the nested layer scan's residuals to pinned_host); "
+                "use model.remat_scope='both' (loop states offloaded, each loop recomputed), "
+                "model.scan_layers=False, or a policy without offload")
+    return None
+
+
 def remat(fn: Callable, policy_name: str, *, in_scan: bool, scope: str = "loop") -> Callable:
     """Wrap a loop iteration ``fn`` in ``jax.checkpoint`` under a named policy: identity for policy "none" or
     scope "layer" (the layers are checkpointed instead, see ``remat_layer``)."""

@@ -92,6 +92,25 @@ def test_sweep_remat_compares_policies_and_recommends_one_that_fits(tmp_path, ca
     assert tflop["full"] >= tflop["save_dots"] >= tflop["none"]
 
 
+def test_offload_of_a_nested_layer_scan_is_refused_on_tpu_and_the_sweep_goes_on(tmp_path, capsys):
+    """libtpu cannot compile offloaded layer inputs of a layer scan inside the loop scan: a ValueError naming the
+    fields before anything is traced; ``--sweep-remat`` lists the choice as not compiled and sweeps the rest."""
+    nested = ["model.n_layers=2", "model.scan_layers=True"]
+    assert main(["aot", "tiny", "--topology", "v5e:2x2", "--seq", SEQ, "--batch", "8", "--mesh", "fsdp=4", *SMALL,
+                 *nested, "model.remat_policy=offload", "model.remat_scope=layer", "--cost", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "model.remat_policy='offload'" in err and "model.remat_scope='both'" in err
+    out = tmp_path / "sweep.json"
+    assert main(["aot", "tiny", "--topology", "v5e:2x2", "--seq", SEQ, "--batch", "8", "--mesh", "fsdp=4", *SMALL,
+                 *nested, "--cost", "none", "--sweep-remat", "--policies", "full,offload", "--scopes", "layer,both",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [(row["remat_policy"], row["remat_scope"]) for row in r["rows"]] == [
+        ("full", "layer"), ("full", "both"), ("offload", "both")]
+    assert [(s["remat_policy"], s["remat_scope"]) for s in r["skipped"]] == [("offload", "layer")]
+    assert "not compiled: remat_policy=offload, remat_scope=layer" in capsys.readouterr().out
+
+
 def test_sweep_filters_name_the_flag(capsys):
     for flag, value in (("--policies", "fulll"), ("--scopes", "block")):
         assert main(["aot", "tiny", "--topology", "v5e:2x2", "--seq", SEQ, "--mesh", "fsdp=4", "--sweep-remat",

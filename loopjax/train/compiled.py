@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from loopjax import sharding as shd
 from loopjax.config import LoopedConfig, TrainConfig
+from loopjax.looped import tpu_remat_problem
 from loopjax.partitioning import LogicalRules
 from loopjax.train.optim import make_optimizer
 from loopjax.train.state import TrainState, abstract_target, model_graphdef, state_builder
@@ -65,6 +66,8 @@ def compiler_options(train_cfg: TrainConfig, mesh: Mesh) -> dict[str, Any] | Non
 def build_train_step(model_cfg: LoopedConfig, train_cfg: TrainConfig, mesh: Mesh,
                      rules: LogicalRules | None = None) -> TrainProgram:
     """The train step of ``(model_cfg, train_cfg)`` on ``mesh`` (rules default to ``train_cfg.mesh.rules``)."""
+    if mesh.devices.flat[0].platform == "tpu" and (problem := tpu_remat_problem(model_cfg)):
+        raise ValueError(problem)
     rules = shd.rules_for(train_cfg.mesh.rules) if rules is None else rules
     tx, schedule = make_optimizer(train_cfg)
     graphdef = model_graphdef(model_cfg)
