@@ -78,13 +78,15 @@ def remat(fn: Callable, policy_name: str, *, in_scan: bool, scope: str = "loop")
 
 
 def remat_layer(layer: nnx.Module, policy_name: str, scope: str) -> Callable:
-    """``layer`` as a function of its inputs, checkpointed on its own when ``scope`` is "layer" or "both"."""
+    """``layer`` as a function of its inputs, its input tagged ``LAYER_INPUT``; checkpointed on its own when
+    ``scope`` is "layer" or "both"."""
     if policy_name == "none" or scope == "loop":
-        return layer
+        # the tag is seen by the loop's checkpoint (scope "loop")
+        return lambda x, *args: layer(checkpoint_name(x, LAYER_INPUT), *args)
     graphdef, state = nnx.split(layer)
 
     def call(state, x, *args):
-        # tagged inside the checkpoint too: only there can an offload policy move the layer input to the host
+        # tagged inside the layer's checkpoint: only there can an offload policy move the layer input to the host
         return nnx.merge(graphdef, state)(checkpoint_name(x, LAYER_INPUT), *args)
 
     # The k layers are unrolled in one loop body: without the barrier XLA may schedule every layer's recompute
@@ -163,8 +165,7 @@ class LoopedCore(nnx.Module):
 
         def apply(layer: nnx.Module, x: jax.Array) -> jax.Array:
             run = remat_layer(layer, cfg.remat_policy, cfg.remat_scope)
-            return with_logical_constraint(run(checkpoint_name(x, LAYER_INPUT), cos_BSh, sin_BSh, layout),
-                                           ACTIVATION_BSD)
+            return with_logical_constraint(run(x, cos_BSh, sin_BSh, layout), ACTIVATION_BSD)
 
         if cfg.scan_layers and len(self.layers) > 1:
             graphdef, states = stacked if stacked is not None else self.stacked_layers()
