@@ -9,7 +9,9 @@ How the numbers are made (each compile runs in a worker subprocess started with 
 - **Memory** comes from the real program: ``build_train_step`` (what ``Trainer`` runs: scans, remat, shardings,
   donated state) lowered inside ``use_rules`` and compiled. Per chip, ``memory_analysis()`` gives argument,
   output, alias (donated outputs reusing argument buffers) and temp bytes; total = argument + output − alias +
-  temp.
+  temp. Where XLA refuses to compile because the temporaries exceed the chip's HBM ("RESOURCE_EXHAUSTED: Ran out
+  of memory on HBM"), the report says so instead: ``fits`` False, ``oom`` (XLA's message), ``temp_gib`` (the
+  temporaries XLA says it needs), no total and no cost.
 - **FLOPs and time** cannot come from that program: XLA's ``cost_analysis`` counts a while-loop body once, and
   the step has several (the scan over loops, the chunked objective's scan over loops, gradient accumulation, and
   the "windowed einsum" loops the TPU compiler makes of FSDP all-gather / reduce-scatter matmuls). So a second
@@ -280,6 +282,25 @@ def hlo_census(hlo_text: str) -> dict[str, int]:
     return out
 
 
+# XLA prints sizes with binary prefixes and no "iB": "21.00G" is 21 GiB.
+_OOM_TEMP = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+_PREFIX_GIB = {"": 1024.0 ** -3, "K": 1024.0 ** -2, "M": 1024.0 ** -1, "G": 1.0, "T": 1024.0}
+
+
+def out_of_memory(message: str) -> dict[str, Any] | None:
+    """XLA:TPU's compile-time "out of memory on HBM" error as {"oom": its line, "oom_temp_gib": the temporaries it
+    needs, "oom_available_gib": what it has} (None for other errors; the figures only where the message has them)."""
+    if "RESOURCE_EXHAUSTED" not in message or "memory" not in message.lower():
+        return None
+    line = next(ln for ln in message.splitlines() if "RESOURCE_EXHAUSTED" in ln)
+    out: dict[str, Any] = {"oom": line[line.index("RESOURCE_EXHAUSTED"):].strip()}
+    m = _OOM_TEMP.search(message)
+    if m:
+        out["oom_temp_gib"] = float(m.group(1)) * _PREFIX_GIB[m.group(2)]
+        out["oom_available_gib"] = float(m.group(3)) * _PREFIX_GIB[m.group(4)]
+    return out
+
+
 def _calibrated_peak(devices: list) -> float:
     """FLOP/s that ``optimal_seconds`` assigns a bf16 8192³ matmul on one chip of this topology."""
     import jax
@@ -317,7 +338,14 @@ def worker(job: dict) -> dict:
     devices = topology_devices(job["topology"], job["num_slices"])
     out: dict[str, Any] = {"chips": len(devices), "chip_kind": devices[0].device_kind}
     if job["mode"] == "real":
-        compiled, seconds = _compile(target, devices, unroll=False, packed=job.get("packed", False))
+        try:
+            compiled, seconds = _compile(target, devices, unroll=False, packed=job.get("packed", False))
+        except Exception as err:  # XLA's own verdict that the program cannot fit: a report, not a crash
+            oom = out_of_memory(str(err))
+            if oom is None:
+                raise
+            out.update(oom)
+            return out
         m = compiled.memory_analysis()
         out.update(compile_s=seconds, argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
                    alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
@@ -402,11 +430,8 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
         f"remat {model.remat_policy})")
     real = run_worker({**job, "mode": "real"})
     chips = real["chips"]
-    total = real["argument"] + real["output"] - real["alias"] + real["temp"]
     readouts = 1 if tcfg.objective.objective in ("final", "act") else model.n_loops
     model_flops = tcfg.batch_size * train_flops(model, tcfg.seq_len, readouts=readouts, causal=True)
-    say(f"memory per chip: {total / GIB:.2f} GiB of {chip.hbm_gib:.0f} (temp {real['temp'] / GIB:.2f} GiB), "
-        f"compiled in {real['compile_s']:.0f} s")
     report: dict[str, Any] = {
         "topology": topology, "num_slices": num_slices, "chips": chips, "chip_kind": real["chip_kind"],
         "mesh": dataclasses.asdict(tcfg.mesh), "seq": tcfg.seq_len, "global_batch": tcfg.batch_size,
@@ -414,19 +439,29 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
         "remat_scope": getattr(model, "remat_scope", None), "attention_impl": getattr(model, "attention_impl", None),
         "scan_layers": getattr(model, "scan_layers", None), "ce_block": getattr(tcfg.objective, "ce_block", None),
         "tpu_scheduler_memory_percent": getattr(tcfg, "tpu_scheduler_memory_percent", None),
+        "hbm_gib": chip.hbm_gib, "model_tflop_per_step": model_flops / 1e12,
+        "analytic_tflop_per_chip": model_flops / chips / 1e12, "peak_tflops_per_chip": chip.peak_flops / 1e12,
+        "warnings": [],
+    }
+    if "oom" in real:  # XLA refused to compile it for this HBM: no memory analysis, no cost
+        say(f"does not fit: {real['oom']}")
+        report.update(fits=False, oom=real["oom"], temp_gib=real.get("oom_temp_gib"),
+                      oom_available_gib=real.get("oom_available_gib"))
+        return report
+    total = real["argument"] + real["output"] - real["alias"] + real["temp"]
+    say(f"memory per chip: {total / GIB:.2f} GiB of {chip.hbm_gib:.0f} (temp {real['temp'] / GIB:.2f} GiB), "
+        f"compiled in {real['compile_s']:.0f} s")
+    report.update({
         "per_chip_total_gib": total / GIB, "argument_gib": real["argument"] / GIB,
         "output_gib": real["output"] / GIB, "alias_gib": real["alias"] / GIB, "temp_gib": real["temp"] / GIB,
         "xla_peak_gib": real["peak"] / GIB, "host_temp_gib": real["host_temp"] / GIB,
-        "hbm_gib": chip.hbm_gib, "fits": total <= chip.hbm_gib * GIB,
-        "headroom_frac": 1.0 - total / (chip.hbm_gib * GIB),
-        "compile_s": real["compile_s"], "model_tflop_per_step": model_flops / 1e12,
-        "analytic_tflop_per_chip": model_flops / chips / 1e12, "peak_tflops_per_chip": chip.peak_flops / 1e12,
+        "fits": total <= chip.hbm_gib * GIB, "headroom_frac": 1.0 - total / (chip.hbm_gib * GIB),
+        "compile_s": real["compile_s"],
         "real_program": {"while_loops": real["census"]["while"],
                          "windowed_einsum_loops": real["census"]["windowed_einsum"],
                          "raw_xla_tflop_per_chip": real["raw_cost"]["flops"] / 1e12,
                          "splash_kernels": {k: real["census"][f"splash_{k}"] for k in _KERNEL_UNITS}},
-        "warnings": [],
-    }
+    })
     if tcfg.objective.random_loops:
         report["warnings"].append("objective.random_loops: the cost is fitted over n_loops, not the sampled counts")
     if cost_mode == "none":
@@ -538,6 +573,8 @@ def cmd_aot(args: argparse.Namespace) -> int:
         report = analyze(target, args.topology, args.num_slices, args.cost, log=log, packed=args.packed)
         report["config"] = args.config
         print(format_table([report]))
+        if "oom" in report:
+            print(f"does not fit: {report['oom']}")
         for w in report["warnings"]:
             print(f"warning: {w}", file=sys.stderr)
         out: Any = report
@@ -568,11 +605,17 @@ def cmd_aot(args: argparse.Namespace) -> int:
             row["config"] = args.config
             rows.append(row)
         print(format_table(rows))
+        for r in rows:
+            if "oom" in r:
+                print(f"does not fit: remat_policy={r['remat_policy']}, remat_scope={r.get('remat_scope')}: "
+                      f"{r['oom']}")
         for s in skipped:
             print(f"not compiled: remat_policy={s['remat_policy']}, remat_scope={s.get('remat_scope')}: {s['error']}")
-        ok = [r for r in rows if r["headroom_frac"] >= HEADROOM and r.get("est_mfu") is not None]
+        ok = [r for r in rows if r.get("est_mfu") is not None and r["headroom_frac"] >= HEADROOM]
         best = max(ok, key=lambda r: r["est_mfu"]) if ok else None
-        if best is None:
+        if best is None and args.cost == "none":
+            print("no recommendation: it needs est MFU (--cost fit or full)")
+        elif best is None:
             print(f"no remat choice fits with {HEADROOM:.0%} HBM headroom")
         else:
             scope = f", remat_scope={best['remat_scope']}" if best.get("remat_scope") else ""

@@ -111,6 +111,36 @@ def test_offload_of_a_nested_layer_scan_is_refused_on_tpu_and_the_sweep_goes_on(
     assert "not compiled: remat_policy=offload, remat_scope=layer" in capsys.readouterr().out
 
 
+def test_a_program_xla_cannot_fit_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
+    """XLA:TPU refuses to compile a step whose temporaries exceed HBM: the report says it does not fit, with the
+    temporaries XLA asked for, and a sweep reports the choice and compiles the next."""
+    # reference attention materialises fp32 scores [16 rows, 4 heads, S, S] per chip: 4 GiB a copy at seq 4096
+    big = [*SMALL, "model.max_seq_len=4096", "model.attention_impl=reference"]
+    out = tmp_path / "sweep.json"
+    assert main(["aot", "tiny", "--topology", "v5e:2x2", "--seq", "4096", "--batch", "64", "--mesh", "fsdp=4", *big,
+                 "--cost", "none", "--sweep-remat", "--policies", "none,full", "--scopes", "layer",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    none, full = json.loads(out.read_text())["rows"]
+    assert (none["remat_policy"], none["fits"]) == ("none", False)
+    assert "Ran out of memory" in none["oom"] and none["temp_gib"] > none["oom_available_gib"] > 15
+    assert none.get("per_chip_total_gib") is None and "costing" not in none
+    assert (full["remat_policy"], full["fits"], "oom" in full) == ("full", True, False)
+    assert 0 < full["per_chip_total_gib"] < 16 < none["temp_gib"]
+    assert "does not fit: remat_policy=none, remat_scope=loop: RESOURCE_EXHAUSTED" in printed
+    assert "no recommendation: it needs est MFU" in printed
+
+
+def test_out_of_memory_reads_xla_message():
+    msg = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+           "for HLO temporaries (21.00G) exceeds available HBM (15.75G).")
+    assert aot.out_of_memory(msg) == {"oom": msg[msg.index("RESOURCE"):], "oom_temp_gib": 21.0,
+                                      "oom_available_gib": 15.75}
+    assert aot.out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem") == {
+        "oom": "RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem"}
+    assert aot.out_of_memory("INVALID_ARGUMENT: Bitcast cannot have different memory spaces") is None
+
+
 def test_sweep_filters_name_the_flag(capsys):
     for flag, value in (("--policies", "fulll"), ("--scopes", "block")):
         assert main(["aot", "tiny", "--topology", "v5e:2x2", "--seq", SEQ, "--mesh", "fsdp=4", "--sweep-remat",
