@@ -80,18 +80,18 @@ def remat(fn: Callable, policy_name: str, *, in_scan: bool, scope: str = "loop")
 def remat_layer(layer: nnx.Module, policy_name: str, scope: str) -> Callable:
     """``layer`` as a function of its inputs, its input tagged ``LAYER_INPUT``; checkpointed on its own when
     ``scope`` is "layer" or "both"."""
-    if policy_name == "none" or scope == "loop":
-        # the tag is seen by the loop's checkpoint (scope "loop")
-        return lambda x, *args: layer(checkpoint_name(x, LAYER_INPUT), *args)
+
+    def tagged(layer: nnx.Module, x: jax.Array, *args) -> jax.Array:
+        return layer(checkpoint_name(x, LAYER_INPUT), *args)
+
+    if policy_name == "none" or scope == "loop":  # the loop's checkpoint (if any) sees the tag
+        return lambda *args: tagged(layer, *args)
     graphdef, state = nnx.split(layer)
-
-    def call(state, x, *args):
-        # tagged inside the layer's checkpoint: only there can an offload policy move the layer input to the host
-        return nnx.merge(graphdef, state)(checkpoint_name(x, LAYER_INPUT), *args)
-
+    # The tag sits inside the layer's checkpoint: only there can an offload policy move the layer input to the host.
     # The k layers are unrolled in one loop body: without the barrier XLA may schedule every layer's recompute
     # ahead of the backward (or, nested, merge it with the loop's), holding all k layers' internals again.
-    fn = jax.checkpoint(call, policy=REMAT_POLICIES[policy_name], prevent_cse=True)
+    fn = jax.checkpoint(lambda state, *args: tagged(nnx.merge(graphdef, state), *args),
+                        policy=REMAT_POLICIES[policy_name], prevent_cse=True)
     return lambda *args: fn(state, *args)
 
 

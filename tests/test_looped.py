@@ -202,4 +202,3 @@ def test_offload_policies_move_states_to_host_under_every_scope(policy, scope, s
     jaxpr = str(jax.make_jaxpr(_loss_and_grads)(model, _tokens(s=12)))
     moves = jaxpr.count("<host>")  # arrays typed as living in host memory
     assert (moves > 0) == policy.endswith("offload"), (policy, scope, moves)
-
