@@ -247,3 +247,172 @@ def test_bad_threshold_raises_before_tracing(threshold):
 def test_threshold_without_layer_loops_raises():
     with pytest.raises(ValueError, match="layer_loops >= 2"):
         _model(layer_loops=1)(_tokens(), layer_exit_threshold=0.9)
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+def test_threshold_one_equals_the_all_iterations_expectation():
+    model, tokens = _model(), _tokens()
+    full, adaptive = model(tokens), model(tokens, layer_exit_threshold=1.0)
+    np.testing.assert_allclose(adaptive.logits, full.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(adaptive.layer_expected_n, full.layer_expected_n, rtol=1e-5)
+    np.testing.assert_array_equal(adaptive.layer_iterations, 3)
+    np.testing.assert_array_equal(adaptive.layer_exit_iteration, 3.0)
+
+
+def test_threshold_with_routers_that_always_halt_runs_one_iteration():
+    model, tokens = _model(scan_layers=True), _tokens()
+    for loop in model.core.layer_loops:
+        loop.router_b[...] = jnp.float32(30.0)  # λ ≈ 1: all the mass on the first iteration
+    full, adaptive = model(tokens), model(tokens, layer_exit_threshold=0.99)
+    np.testing.assert_array_equal(adaptive.layer_iterations, 1)
+    np.testing.assert_array_equal(adaptive.layer_exit_iteration, 1.0)
+    np.testing.assert_allclose(adaptive.layer_expected_n, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(adaptive.logits, full.logits, rtol=1e-5, atol=1e-5)
+
+
+def _np_adaptive(params, x, w, threshold):
+    """The documented inference semantics in float64, with a toy layer that mixes tokens (each token reads the mean
+    of every token's input, as attention would): stopped tokens feed their frozen state to later iterations."""
+    a, rw, rt, rb = params
+    n = a.shape[0]
+
+    def step(h, s):
+        return h + s * np.tanh((h + h.mean(axis=1, keepdims=True)) @ w)
+
+    h, active = x.copy(), np.ones(x.shape[:-1], bool)
+    survive, out, en = np.ones(x.shape[:-1]), np.zeros_like(x), np.zeros(x.shape[:-1])
+    exit_it, runs = np.full(x.shape[:-1], n), 0
+    for t in range(1, n + 1):
+        if not active.any():
+            break
+        runs = t
+        new = step(h, _np_softplus(a[t - 1]))
+        lam = _np_sigmoid(new @ rw + rt * (t - 1) / (n - 1) + rb)
+        nxt = survive * (1 - lam)
+        fires = (t == n) | (1 - nxt >= threshold)
+        p = np.where(active, np.where(fires, survive, survive * lam), 0.0)
+        out, en = out + p[..., None] * new, en + p * t
+        survive = np.where(active, np.where(fires, 0.0, nxt), survive)
+        h = np.where(active[..., None], new, h)
+        exit_it = np.where(active & fires, t, exit_it)
+        active = active & ~fires
+    return out, en, exit_it, runs
+
+
+def test_early_halting_token_keeps_its_state_frozen_and_others_see_it():
+    n, d, threshold = 3, 6, 0.9
+    loop = _loop_module(n, d, seed=7)
+    rng = np.random.default_rng(8)
+    x = rng.normal(0, 1, (2, 5, d))
+    u = rng.normal(0, 1, d)
+    u /= np.linalg.norm(u)
+    loop.router_w[...] = jnp.asarray(8.0 * u, jnp.float32)  # tokens with x·u > ~0.3 halt after iteration 1
+    loop.router_t[...] = jnp.float32(-2.0)
+    loop.router_b[...] = jnp.float32(0.0)
+    w = rng.normal(0, 0.5, (d, d))
+
+    def step(h, s):
+        return h + s * jnp.tanh((h + h.mean(axis=1, keepdims=True)) @ jnp.asarray(w, jnp.float32))
+
+    out, stats = loop.run_adaptive(step, jnp.asarray(x, jnp.float32), threshold)
+    p64 = [np.asarray(loop.scale_logits[...], np.float64), 8.0 * u, -2.0, 0.0]
+    want_out, want_en, want_exit, want_runs = _np_adaptive(p64, x, w, threshold)
+    np.testing.assert_array_equal(stats.exit_iteration_BS, want_exit)
+    assert int(stats.iterations) == want_runs
+    early = want_exit == 1
+    assert early.any() and (want_exit > 1).any(), want_exit  # the test needs both kinds of token
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats.expected_n_BS, want_en, rtol=1e-5)
+    # a token that stopped after iteration 1 reads out h_1 exactly (its remainder on its last computed state)
+    h1 = np.asarray(step(jnp.asarray(x, jnp.float32), loop.scales()[0]))
+    np.testing.assert_allclose(np.asarray(out)[early], h1[early], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats.expected_n_BS)[early], 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ objective
+
+def test_halting_loss_adds_the_ponder_cost():
+    rng = np.random.default_rng(3)
+    en = jnp.asarray(rng.uniform(1, 3, (2, 5, 4)), jnp.float32)
+    mask = jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32).at[0, 0].set(1)
+    logits = jnp.asarray(rng.normal(0, 1, (2, 5, 11)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 11, (2, 5)))
+    base = lj.halting_loss(lj.HaltingConfig(objective="final"), gate_BST=None, labels_BS=labels, mask_BS=mask,
+                           step_logits_TBSV=logits[None])
+    for weight in (0.1, -0.015):
+        got = lj.halting_loss(lj.HaltingConfig(objective="final", ponder_weight=weight), gate_BST=None,
+                              labels_BS=labels, mask_BS=mask, step_logits_TBSV=logits[None],
+                              layer_expected_n_BSK=en, layer_loops=3)
+        m = np.asarray(mask, np.float64)
+        mean_en = (np.asarray(en, np.float64).mean(-1) * m).sum() / m.sum()
+        np.testing.assert_allclose(got, float(base) + weight * (mean_en - 1) / 2, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs layer_expected_n_BSK"):
+        lj.halting_loss(lj.HaltingConfig(objective="final", ponder_weight=0.1), gate_BST=None, labels_BS=labels,
+                        step_logits_TBSV=logits[None])
+
+
+def test_train_objective_adds_ponder_and_logs_expected_n_per_layer():
+    from loopjax.train.step import objective_loss
+
+    model, tokens = _model(), _tokens(s=9)
+    batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:])
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def total(params, weight):
+        hcfg = lj.HaltingConfig(objective="ouro", ponder_weight=weight)
+        return objective_loss(nnx.merge(graphdef, params), batch, hcfg, 0.0, None)
+
+    (t0, m0), g0 = jax.value_and_grad(total, has_aux=True)(params, 0.0)
+    (t1, m1), g1 = jax.value_and_grad(total, has_aux=True)(params, 0.5)
+    en = model(batch["inputs"]).layer_expected_n
+    ponder = (float(en.mean()) - 1) / 2
+    np.testing.assert_allclose(m1["layer_ponder"], ponder, rtol=1e-5)
+    np.testing.assert_allclose(t1, float(t0) + 0.5 * ponder, rtol=1e-5)
+    np.testing.assert_allclose(m1["loss"], float(m0["loss"]) + 0.5 * ponder, rtol=1e-5)
+    for l in range(2):
+        np.testing.assert_allclose(m0[f"layer{l}_expected_n"], en[..., l].mean(), rtol=1e-5)
+    # the ponder term trains the routers and scales, and nothing it cannot reach
+    (_, _), gp = jax.value_and_grad(lambda p: (0.5 * (nnx.merge(graphdef, p)(batch["inputs"]).layer_expected_n.mean()
+                                                      - 1) / 2, None), has_aux=True)(params)
+    jax.tree.map(lambda a, b, c: np.testing.assert_allclose(a - b, c, rtol=1e-3, atol=1e-6), g1, g0, gp)
+    assert np.abs(np.asarray(gp["core"]["layer_loops"][0]["router_b"][...])) > 0
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(ponder_weight=float("inf")), "ponder_weight"),
+                                          (dict(ponder_weight="0.1"), "ponder_weight"),
+                                          (dict(ponder_weight=0.1, random_loops=True), "ponder_weight")])
+def test_bad_ponder_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lj.HaltingConfig(**kwargs)
+
+
+def test_negative_ponder_weight_is_allowed_and_ponder_without_layer_loops_raises():
+    from loopjax.train.step import objective_loss
+
+    assert lj.HaltingConfig(ponder_weight=-0.015).ponder_weight == -0.015  # the paper's ablation
+    model, tokens = _model(layer_loops=1), _tokens()
+    with pytest.raises(ValueError, match="ponder_weight=0.1: needs per-layer loops"):
+        objective_loss(model, dict(inputs=tokens, targets=tokens), lj.HaltingConfig(ponder_weight=0.1), 0.0, None)
+
+
+# ------------------------------------------------------------------------------------------------ counts
+
+def test_count_params_and_forward_flops_match_closed_forms():
+    v, d, n_h, k_h, h, f, k, n, t, s = 64, 32, 4, 2, 8, 64, 2, 3, 2, 10
+    cfg = _cfg(n_prelude=1)
+    layer_params = d * n_h * h + 2 * d * k_h * h + n_h * h * d + 3 * d * f + 2 * d
+    loop_params = n + d + 2  # scale logits, router weights on [h; t], router bias
+    want = v * d + (1 + k) * layer_params + d + (d + 1) + k * loop_params
+    assert lj.count_params(lj.LoopedLM(cfg, rngs=nnx.Rngs(0))) == want
+    assert lj.count_params(lj.LoopedLM(cfg.replace(layer_loops=1), rngs=nnx.Rngs(0))) == want - k * loop_params
+
+    layer = 2 * s * d * (n_h * h + 2 * k_h * h) + 2 * s * n_h * h * d + 4 * s * s * n_h * h + 6 * s * d * f
+    router = 2 * s * (d + 1)
+    head, gate = 2 * s * d * v, 2 * s * d
+    assert lj.forward_flops(cfg, s) == layer + t * (k * n * (layer + router) + gate) + head
+    assert lj.forward_flops(cfg, s, layer_iterations=1.5) == layer + t * (k * 1.5 * (layer + router) + gate) + head
+    assert lj.train_flops(cfg, s) == 3 * lj.forward_flops(cfg, s)
+    assert lj.forward_flops(cfg.replace(layer_loops=1), s) == layer + t * (k * layer + gate) + head
+    with pytest.raises(ValueError, match="layer_iterations"):
+        lj.forward_flops(cfg, s, layer_iterations=4)
