@@ -446,7 +446,9 @@ def _data_args(data: argparse.ArgumentParser) -> None:
 
 
 def cmd_data(args) -> int:
-    from loopjax.data.prepare import PrepareConfig, prepare, summary
+    import warnings
+
+    from loopjax.data.prepare import EmptyValidationWarning, PrepareConfig, prepare, summary
 
     cfg = PrepareConfig(inputs=tuple(args.inputs), tokenizer=args.tokenizer, out=args.out,
                         text_field=args.text_field, prompt_field=args.prompt_field,
@@ -455,7 +457,9 @@ def cmd_data(args) -> int:
                         eos_token=args.eos_token, skip_bad_lines=args.skip_bad_lines,
                         unit_bytes=max(1, int(args.unit_mb * 1e6)))
     try:
-        manifest = prepare(cfg, progress=False if args.no_progress else None)
+        with warnings.catch_warnings():  # the summary below states it, with its fix
+            warnings.simplefilter("ignore", EmptyValidationWarning)
+            manifest = prepare(cfg, progress=False if args.no_progress else None)
     except ImportError as err:
         raise ValueError(str(err)) from None
     print(summary(manifest), file=sys.stderr)
@@ -463,7 +467,7 @@ def cmd_data(args) -> int:
                       "train_tokens": manifest["splits"]["train"]["tokens"],
                       "val_tokens": manifest["splits"]["val"]["tokens"], "vocab_size":
                       manifest["tokenizer"]["vocab_size"], "replaced_bytes": manifest["replaced_bytes"],
-                      "skipped_lines": manifest["skipped_lines"]}))
+                      "skipped_lines": manifest["skipped_lines"], "skipped_files": manifest["skipped_files"]}))
     return 0
 
 
