@@ -467,7 +467,7 @@ def cmd_data(args) -> int:
                       "train_tokens": manifest["splits"]["train"]["tokens"],
                       "val_tokens": manifest["splits"]["val"]["tokens"], "vocab_size":
                       manifest["tokenizer"]["vocab_size"], "replaced_bytes": manifest["replaced_bytes"],
-                      "skipped_lines": manifest["skipped_lines"], "skipped_files": manifest["skipped_files"]}))
+                      "skipped_lines": manifest["skipped_lines"], "skipped_files": manifest.get("skipped_files", 0)}))
     return 0
 
 
