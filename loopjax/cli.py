@@ -15,6 +15,9 @@
     loopjax analyze CHECKPOINT --task phop|addition|igsm|none --out DIR [--set task.KEY=VALUE ...] [--n-loops N]
         [--record-loops N] [--ouro] [--step N] [--examples N] [--seq-len N] [--seed S] [--power-iters N]
         [--q-grid 0.5,0.9] [--eps-grid 0.01,0.001]
+    loopjax lm-eval (RUN_DIR | OURO_DIR) --tasks T1,T2 [--include-path DIR] [--depths 1,2,4,adaptive,adaptive-frozen]
+        [--exit-rule q=0.5] [--limit N] [--batch-size B] [--max-length N] [--num-fewshot K] [--tokenizer T]
+        [--out DIR]      (lm-evaluation-harness tasks at every loop depth, FLOPs per token; .[eval])
     loopjax aot CONFIG_OR_PRESET --topology v5p:2x2x4 [--num-slices N] [--seq S] [--batch B] [--mesh fsdp=16]
         [--json PATH] [--sweep-remat] [--cost fit|full|none] [KEY=VALUE ...]   (TPU compile on a CPU host; .[tpu])
 
@@ -69,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--step", type=int, default=None)
     exp.add_argument("--source", default=None, help="HF folder supplying tokenizer files and non-architecture fields")
+    from loopjax.evaluation.run import add_arguments as lm_eval_arguments
+
+    lm_eval_arguments(sub.add_parser("lm-eval", help="lm-evaluation-harness tasks at every loop depth (.[eval])"))
     from loopjax.aot import add_arguments as aot_arguments
 
     aot_arguments(sub.add_parser("aot", help="compile the train step for a TPU topology: memory, cost, est MFU"))
@@ -553,7 +559,17 @@ def cmd_aot(args) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
+def cmd_lm_eval(args) -> int:
+    from loopjax.evaluation.run import run_command
+
+    try:
+        return run_command(args)
+    except ImportError as err:
+        print(f"loopjax lm-eval: {err}", file=sys.stderr)
+        return 2
+
+
+COMMANDS = {"lm-eval": cmd_lm_eval, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
             "analyze": cmd_analyze, "data": cmd_data, "aot": cmd_aot}
 
 
