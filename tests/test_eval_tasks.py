@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from experiments.eval_tasks.make import main, make_tasks
+from experiments.eval_tasks.text import TextTask, solve_text
+from loopjax.data.tasks import Addition, PHop, lm_arrays
 
 NAMES = ["loopjax_phop_p1", "loopjax_phop_p3", "loopjax_addition_n3", "loopjax_igsm_d2k3"]
 
@@ -23,40 +25,10 @@ def task_dir(tmp_path_factory):
     return out
 
 
-# ------------------------------------------------------------------ independent solvers of the rendered text
-def solve_phop(text: str) -> str:
-    seq = re.search(r"Sequence: ([a-z ]+)\n", text).group(1).split()
-    p = int(re.search(r"Hops: (\d+)", text).group(1))
-    i = len(seq) - 1
-    for _ in range(p):  # jump to the token right after the latest earlier copy of seq[i]
-        i = max(j + 1 for j in range(i) if seq[j] == seq[i])
-    return seq[i]
-
-
-def solve_addition(text: str) -> str:
-    return str(sum(int(x) for x in re.findall(r"\d+", text.split("\n")[-1])))
-
-
-def solve_igsm(text: str, modulus: int = 7) -> str:
-    defs = dict(re.findall(r"^(E\d+ E\d+) = ([^;]+);$", text, re.M))
-    query = re.search(r"^\? (E\d+ E\d+) =$", text, re.M).group(1)
-
-    def value(name):
-        m = re.fullmatch(r"(E\d+ E\d+) ([-+*]) (E\d+ E\d+)", defs[name])
-        if m is None:
-            return int(defs[name])
-        a, b = value(m.group(1)), value(m.group(3))
-        return {"+": a + b, "-": a - b, "*": a * b}[m.group(2)] % modulus
-
-    return str(value(query))
-
-
 def solve(context: str) -> str:
-    if "Sequence:" in context:
-        return solve_phop(context)
-    if "?" in context:
-        return solve_igsm(context)
-    return solve_addition(context)
+    """The answer of a shipped task's prompt, from its text alone."""
+    family = "phop" if "Sequence:" in context else "igsm" if "?" in context else "addition"
+    return solve_text(family, context)
 
 
 def test_files_are_written_and_answers_check(task_dir):
@@ -87,6 +59,25 @@ def test_cli_writes_the_same_tasks_and_rejects_bad_values(tmp_path, task_dir, ca
     assert "n=8: must be >= 2 * max(hops) + 2" in capsys.readouterr().err
     with pytest.raises(ValueError, match="examples=0: must be an int >= 1"):
         make_tasks(str(tmp_path / "bad2"), examples=0)
+
+
+def test_text_task_trains_on_exactly_the_harness_rows(task_dir):
+    """TextTask's example i is the shipped row i in bytes (prompt = the context, answer = " " + the gold
+    continuation), its solver agrees, and its rows fit its declared length."""
+    for name, inner, desc in (("loopjax_phop_p3", PHop(alphabet=4, n=16, hops=(3,), max_hops=3), ""),
+                              ("loopjax_addition_n3", Addition(n_terms=(3,), digits=2), "Add the 3 numbers.\n\n")):
+        task = TextTask(inner, description=desc)
+        rows = [json.loads(line) for line in open(task_dir / f"{name}.jsonl", encoding="utf-8")]
+        for i, row in enumerate(rows):
+            ex = task.example(3, i)
+            gold = row["choices"][row["answer"]] if "choices" in row else row["answer"] + "\n"
+            assert task.decode(ex.prompt) == desc + row["question"] and task.decode(ex.answer) == " " + gold
+            assert task.check(ex) and len(lm_arrays(ex, task.length, task.pad_id)["inputs"]) == task.length
+            assert len(ex.prompt) + len(ex.answer) - 1 <= task.min_seq_len
+    assert len(TextTask(PHop(alphabet=4, n=16, hops=(3,))).example(0, 0).prompt) + 1 == \
+        TextTask(PHop(alphabet=4, n=16, hops=(3,))).min_seq_len  # p-hop rows have one length: the bound is tight
+    with pytest.raises(ValueError, match="must be a PHop or an Addition"):
+        TextTask("igsm")
 
 
 # ------------------------------------------------------------------ through lm-eval itself

@@ -27,33 +27,10 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from experiments.eval_tasks.text import render_addition, render_igsm, render_phop, solve_text
 from loopjax.data.tasks import IGSM, Addition, PHop
-from loopjax.data.tasks.addition import display
 
 ALL_TAG = "loopjax_reasoning"
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def render_phop(task: PHop, example) -> dict[str, Any]:
-    """A p-hop example as text: the sequence, the hop count, the answer letter as a choice index."""
-    p = int(example.prompt[0]) - task.alphabet
-    seq = " ".join(LETTERS[int(t)] for t in example.prompt[1:])
-    return {"question": f"Sequence: {seq}\nHops: {p}\nAnswer:", "choices": list(LETTERS[:task.alphabet]),
-            "answer": int(example.answer[0]), "difficulty": p}
-
-
-def render_addition(task: Addition, example) -> dict[str, Any]:
-    """An addition example as text: "31 + 07 + 45 =" and its decimal sum."""
-    prompt, answer = display(task, example)
-    return {"question": prompt, "answer": answer, "difficulty": int(example.difficulty)}
-
-
-def render_igsm(task: IGSM, example) -> dict[str, Any]:
-    """An i-GSM example as text: one statement per line, the query last; the choices are the values mod M."""
-    text = task.decode(example.prompt).removeprefix("<bos> ")
-    depth, ops = example.difficulty
-    return {"question": f"{text}\nAnswer:", "choices": [str(v) for v in range(task.modulus)],
-            "answer": int(example.answer[0]), "difficulty": f"{depth}:{ops}"}
 
 
 def _mc_yaml(name: str, tags: list[str], data: str, description: str) -> dict[str, Any]:
@@ -84,12 +61,15 @@ def _write(out: str, name: str, rows: list[dict], spec: dict) -> None:
         yaml.safe_dump(spec, f, sort_keys=False, allow_unicode=True)
 
 
-def _examples(task, render: Callable, count: int, seed: int) -> list[dict]:
+def _examples(task, family: str, render: Callable, count: int, seed: int) -> list[dict]:
+    """Rendered rows; the generator, its token-level solver and the text solver must all agree on each."""
     rows = []
     for ex in task.examples(seed, count):
-        if not task.check(ex):  # the generator and the independent solver must agree
-            raise RuntimeError(f"{task}: an example's answer disagrees with the solver")
-        rows.append(render(task, ex))
+        row = render(task, ex)
+        gold = row["choices"][row["answer"]] if "choices" in row else row["answer"]
+        if not task.check(ex) or solve_text(family, row["question"], getattr(task, "modulus", 7)) != gold:
+            raise RuntimeError(f"{task}: an example's answer disagrees with a solver: {row}")
+        rows.append(row)
     return rows
 
 
@@ -118,14 +98,14 @@ def make_tasks(out: str, *, examples: int = 200, seed: int = 0, phop_hops: Seque
         task = PHop(alphabet=phop_alphabet, n=phop_n, hops=(p,), max_hops=max(phop_hops))
         desc = (f"p-hop induction: from the last symbol, jump {p} time(s) to the symbol right after the latest "
                 "earlier copy of the current symbol; answer the symbol reached.\n\n")
-        _write(out, name, _examples(task, render_phop, examples, seed),
+        _write(out, name, _examples(task, "phop", render_phop, examples, seed),
                _mc_yaml(name, ["loopjax_phop", ALL_TAG], data(name), desc if description else ""))
         names.append(name)
     for n in addition_terms:
         name = f"loopjax_addition_n{n}"
         task = Addition(n_terms=(n,), digits=addition_digits)
         desc = f"Add the {n} numbers.\n\n"
-        _write(out, name, _examples(task, render_addition, examples, seed),
+        _write(out, name, _examples(task, "addition", render_addition, examples, seed),
                _gen_yaml(name, ["loopjax_addition", ALL_TAG], data(name), desc if description else "",
                          max_gen_toks=task.answer_width + 2))
         names.append(name)
@@ -134,7 +114,7 @@ def make_tasks(out: str, *, examples: int = 200, seed: int = 0, phop_hops: Seque
         task = IGSM(difficulties=((depth, ops),), modulus=igsm_modulus)
         desc = (f"Each line defines a quantity (a constant or an operation on two others, mod {igsm_modulus}); "
                 "answer the value of the queried quantity.\n\n")
-        _write(out, name, _examples(task, render_igsm, examples, seed),
+        _write(out, name, _examples(task, "igsm", render_igsm, examples, seed),
                _mc_yaml(name, ["loopjax_igsm", ALL_TAG], data(name), desc if description else ""))
         names.append(name)
     return names
