@@ -188,25 +188,25 @@ LETTERS = "abcdefgh"
 
 
 def write_tasks(folder, n_docs=16):
-    """A local multiple-choice task and a local generate_until task: answer the letter after 'Q: '."""
+    """A local multiple-choice task and a local generate_until task: after "Q: x" comes X (upper case)."""
     rng = np.random.default_rng(7)
     docs = []
     for _ in range(n_docs):
         q = LETTERS[rng.integers(len(LETTERS))]
-        choices = list(rng.choice([c for c in LETTERS if c != q], 3, replace=False)) + [q]
+        choices = [c.upper() for c in rng.choice([c for c in LETTERS if c != q], 3, replace=False)] + [q.upper()]
         rng.shuffle(choices)
-        docs.append({"q": q, "choices": choices, "label": choices.index(q), "answer": q})
-    data = folder / "copy.jsonl"
+        docs.append({"q": q, "choices": choices, "label": choices.index(q.upper()), "answer": q.upper()})
+    data = folder / "upper.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-              "doc_to_text: \"Q: {{q}}\\nA:\"\n")
-    (folder / "copy_mc.yaml").write_text(
-        "task: copy_mc\noutput_type: multiple_choice\n" + common +
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\ntarget_delimiter: \" \"\n"
+              "doc_to_text: \"Q: {{q}}\"\ntarget_delimiter: \"\"\n")
+    (folder / "upper_mc.yaml").write_text(
+        "task: upper_mc\noutput_type: multiple_choice\n" + common +
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    (folder / "copy_gen.yaml").write_text(
-        "task: copy_gen\noutput_type: generate_until\n" + common +
-        "doc_to_target: \" {{answer}}\"\ntarget_delimiter: \"\"\n"
+    (folder / "upper_gen.yaml").write_text(
+        "task: upper_gen\noutput_type: generate_until\n" + common +
+        "doc_to_target: \"{{answer}}\"\n"
         "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 4\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
     return docs
@@ -214,30 +214,32 @@ def write_tasks(folder, n_docs=16):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A `loopjax train`-style run folder of a tiny byte model trained for seconds on 'Q: x\\nA: x\\n' lines."""
+    """A `loopjax train` run folder of a tiny byte model trained for seconds on "Q: xX" lines (x a letter)."""
     from loopjax.train import Trainer
     from loopjax.train.experiment import DataConfig, Experiment
 
     root = tmp_path_factory.mktemp("lm_eval_run")
-    (root / "corpus.txt").write_text("Q: a\nA: a\n")
+    (root / "corpus.txt").write_text("Q: aA\n")
     cfg = CFG.replace(init_std=0.02)
-    tcfg = lj.TrainConfig(steps=120, batch_size=16, seq_len=32, learning_rate=1e-2, warmup_steps=10, ckpt_every=0,
-                          log_every=60, log_loop_losses=False, async_checkpointing=False,
+    tcfg = lj.TrainConfig(steps=250, batch_size=16, seq_len=32, learning_rate=1e-2, warmup_steps=10, ckpt_every=0,
+                          log_every=125, log_loop_losses=False, async_checkpointing=False,
                           objective=lj.HaltingConfig(objective="ouro", beta=0.01))
     exp = Experiment(model=cfg, train=tcfg, data=DataConfig(source="text", paths=(str(root / "corpus.txt"),)))
     rng = np.random.default_rng(0)
 
     def batches():
         while True:
-            text = "".join(f"Q: {c}\nA: {c}\n" for c in rng.choice(list(LETTERS), 16 * 4))
+            text = "".join(f"Q: {c}{c.upper()}\n" for c in rng.choice(list(LETTERS), 16 * 6))
             ids = np.frombuffer(text.encode(), np.uint8).astype(np.int32)
             starts = rng.integers(0, len(ids) - 33, 16)
             rows = np.stack([ids[s:s + 33] for s in starts])
             yield {"inputs": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones((16, 32), np.float32)}
 
+    one_device = lj.make_mesh(lj.MeshConfig(), devices=jax.devices()[:1])  # fastest on 2 busy cores
     trainer = Trainer(cfg, tcfg, train_data=batches(), workdir=str(root / "run"), config=exp.to_json(),
-                      progress=False, tensorboard=False)
-    trainer.fit()
+                      progress=False, tensorboard=False, mesh=one_device)
+    with pytest.warns(UserWarning, match="get_state"):
+        trainer.fit()
     trainer.close()
     tasks = root / "tasks"
     tasks.mkdir()
@@ -260,28 +262,29 @@ def test_simple_evaluate_on_local_tasks_beats_chance_at_full_depth(trained_run):
     acc = {}
     for d in lm.depths:
         lm.set_depth(d)
-        res = simple_evaluate(model=lm, tasks=["copy_mc", "copy_gen"], task_manager=tm, bootstrap_iters=0,
+        res = simple_evaluate(model=lm, tasks=["upper_mc", "upper_gen"], task_manager=tm, bootstrap_iters=0,
                               log_samples=False)
-        acc[d] = (res["results"]["copy_mc"]["acc,none"], res["results"]["copy_gen"]["exact_match,none"])
-    assert acc[3][0] >= 0.6 and acc[3][1] >= 0.5, acc  # chance: 0.25 and ~0
+        acc[d] = (res["results"]["upper_mc"]["acc,none"], res["results"]["upper_gen"]["exact_match,none"])
+    assert min(a[0] for a in acc.values()) > 0.4, acc  # chance: 0.25
+    assert max(a[0] for a in acc.values()) >= 0.75 and max(a[1] for a in acc.values()) >= 0.5, acc
     assert lm.scorer.compiles["all_depths"] <= len(lm.buckets)
 
 
 def test_cli_writes_a_row_per_depth_and_exact_flops(trained_run, tmp_path, capsys):
     run, tasks, docs = trained_run
     out = tmp_path / "out"
-    rc = cli.main(["lm-eval", str(run), "--tasks", "copy_mc,copy_gen", "--include-path", str(tasks),
+    rc = cli.main(["lm-eval", str(run), "--tasks", "upper_mc,upper_gen", "--include-path", str(tasks),
                    "--depths", "1,3,adaptive,adaptive-frozen", "--exit-rule", "q=0.5", "--limit", "12",
                    "--batch-size", "8", "--max-length", "32", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
-    mc = res["tasks"]["copy_mc"]
+    mc = res["tasks"]["upper_mc"]
     assert [r["depth"] for r in mc] == [1, 3, "adaptive", "adaptive-frozen"]
     assert all("acc,none" in r and "acc_stderr,none" in r for r in mc)
     assert mc[1]["acc,none"] > 0.25
     # FLOPs per token: forward FLOPs of each request's input tokens at the depth's loops (12 docs x 4 choices)
-    lengths = [len(f"Q: {d['q']}\nA: {c}".encode()) - 1 for d in docs[:12] for c in d["choices"]]
+    lengths = [len(f"Q: {d['q']}{c}".encode()) - 1 for d in docs[:12] for c in d["choices"]]
     for r in mc[:2]:
         want = sum(forward_flops(CFG, n, r["depth"]) for n in lengths) / sum(lengths)
         np.testing.assert_allclose(r["flops_per_token"], want, rtol=1e-9)
@@ -289,23 +292,23 @@ def test_cli_writes_a_row_per_depth_and_exact_flops(trained_run, tmp_path, capsy
     want_all = sum(forward_flops(CFG, n, 3) for n in lengths) / sum(lengths)
     np.testing.assert_allclose(mc[2]["flops_per_token"], want_all, rtol=1e-9)  # every loop runs
     assert 1 <= mc[2]["mean_exit_depth"] <= 3 and mc[3]["flops_per_token"] <= want_all * (1 + 1e-9)
-    assert [r["depth"] for r in res["tasks"]["copy_gen"]] == [1, 3, "adaptive", "adaptive-frozen"]
+    assert [r["depth"] for r in res["tasks"]["upper_gen"]] == [1, 3, "adaptive", "adaptive-frozen"]
     for d in ("1", "3", "adaptive", "adaptive-frozen"):
         harness = json.loads((out / f"results_depth_{d}.json").read_text())
-        assert "copy_mc" in harness["results"]
+        assert "upper_mc" in harness["results"]
     assert (out / "accuracy_vs_flops.png").stat().st_size > 1000
-    for line in ("### copy_mc", "### copy_gen", "| adaptive | all loops run", "| adaptive-frozen | masked"):
+    for line in ("### upper_mc", "### upper_gen", "| adaptive | all loops run", "| adaptive-frozen | masked"):
         assert line in printed
 
 
 def test_cli_bad_inputs(trained_run, tmp_path, capsys):
     run, tasks, _ = trained_run
     base = ["lm-eval", str(run), "--include-path", str(tasks), "--limit", "2", "--no-progress"]
-    assert cli.main(base + ["--tasks", "copy_mcq"]) == 2
-    assert "task 'copy_mcq'" in capsys.readouterr().err
-    assert cli.main(base + ["--tasks", "copy_mc", "--depths", "1,deep"]) == 2
+    assert cli.main(base + ["--tasks", "upper_mcq"]) == 2
+    assert "task 'upper_mcq'" in capsys.readouterr().err
+    assert cli.main(base + ["--tasks", "upper_mc", "--depths", "1,deep"]) == 2
     assert "depth 'deep'" in capsys.readouterr().err
-    assert cli.main(base + ["--tasks", "copy_mc", "--tokenizer", str(tmp_path)]) == 2
+    assert cli.main(base + ["--tasks", "upper_mc", "--tokenizer", str(tmp_path)]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
     hub = tmp_path / "hub"
     hub.mkdir()

@@ -56,11 +56,15 @@ def task_manager(tasks: Sequence[str], include_path: str | None):
 
 def check_tasks_load(tasks: Sequence[str], tm) -> None:
     """Build each task once, so a dataset that is not on this machine fails naming its task and the fix."""
+    import warnings
+
     from lm_eval.tasks import get_task_dict
 
     for t in tasks:
         try:
-            get_task_dict([t], tm)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # get_task_dict -> TaskManager.load in 0.4.1x
+                get_task_dict([t], tm)
         except Exception as err:  # datasets / hub raise many types; the fix is the same
             raise ValueError(f"task {t!r}: its data could not be loaded offline ({type(err).__name__}: "
                              f"{str(err).splitlines()[0][:300] if str(err) else ''}). Standard tasks download from "
