@@ -4,7 +4,6 @@ and a wrong one 0.0 through ``simple_evaluate``."""
 
 import json
 import os
-import re
 
 import pytest
 import yaml

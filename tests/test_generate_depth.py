@@ -1,7 +1,6 @@
 """Per-row depth dial in ``generate`` (``row_loops``, ``row_q``): each row of one batch, at its own depth or exit
 threshold, generates what it generates alone; one compiled program serves every mix; bad values raise."""
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
