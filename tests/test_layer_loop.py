@@ -416,3 +416,26 @@ def test_count_params_and_forward_flops_match_closed_forms():
     assert lj.forward_flops(cfg.replace(layer_loops=1), s) == layer + t * (k * layer + gate) + head
     with pytest.raises(ValueError, match="layer_iterations"):
         lj.forward_flops(cfg, s, layer_iterations=4)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+def test_kv_cache_greedy_generation_equals_no_cache_forward():
+    """Each layer iteration caches its keys and values in its own slot; greedy decoding with the cache gives the
+    no-cache forward's logits, with the block loop, a prelude and a coda."""
+    from loopjax.generate import generate, prefill
+
+    model = _model(n_prelude=1, n_coda=1, input_injection="add", max_seq_len=32)
+    prompt, n_new = np.asarray(_tokens(2, 5, seed=4)), 5
+    out = generate(model, prompt, n_new, return_logits=True)
+    seq = np.concatenate([prompt, np.asarray(out.tokens)], axis=1)
+    graphdef, state = nnx.split(model)
+    full = np.asarray(jax.jit(lambda st, x: nnx.merge(graphdef, st)(x).logits)(state, jnp.asarray(seq)))
+    ref = full[:, prompt.shape[1] - 1:-1]
+    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref.argmax(-1))
+    cache, _ = prefill(model, prompt, capacity=16)
+    assert len(cache.core_k) == model.cfg.n_loops * model.cfg.n_layers * model.cfg.layer_loops
+    # block-loop early exit while decoding still runs (each step's layer iterations under the exit rule's cond)
+    ex = generate(model, prompt, n_new, exit_rule=lj.QExit(0.5), kv_mode="per_step")
+    assert np.isin(np.asarray(ex.exit_steps), (1, 2)).all()
