@@ -1,7 +1,8 @@
 """Exact matmul FLOP counts of a forward pass, as executed (2 FLOPs per multiply-add).
 
 Counted: q/k/v/o projections, attention scores and attention-weighted values, the three SwiGLU matmuls, the
-concat-injection adapter, the exit gate and the LM head. Attention is counted over the full S×S score matrix
+concat-injection adapter, the exit gate, the memory reads (scores and values of each bank, its projection and
+its gate matrix; per core layer and iteration) and the LM head. Attention is counted over the full S×S score matrix
 because that is what the masked dense kernel computes (causal and sliding-window masks do not skip work);
 ``causal=True`` counts only the query-key pairs a causal (sliding-window) mask keeps, S²/2 for full causal
 attention: the work a step must do, as model-FLOP utilisation (MFU) conventionally counts it.
@@ -31,12 +32,21 @@ def layer_flops(cfg: LoopedConfig, seq_len: int, causal: bool = False) -> float:
     return projections + attention + mlp
 
 
+def memory_flops(cfg: LoopedConfig, seq_len: int) -> float:
+    """FLOPs of one core layer's memory read (``loopjax.memory``) over ``seq_len`` tokens: per bank of M slots,
+    scores q·Kᵀ and probs·V (2·M·D each per token, dense over all slots), the projection W and the gate W_g
+    (2·D² each per token). 0 without memory banks."""
+    d = cfg.d_model
+    return sum(seq_len * (2 * 2 * m * d + 2 * 2 * d * d)
+               for m in (cfg.memory_local_slots, cfg.memory_global_slots) if m > 0)
+
+
 def loop_flops(cfg: LoopedConfig, seq_len: int, causal: bool = False) -> float:
-    """FLOPs of one application of the core: injection adapter, k layers, exit gate."""
+    """FLOPs of one application of the core: injection adapter, k layers (with their memory reads), exit gate."""
     s, d = seq_len, cfg.d_model
     inject = 2 * s * (2 * d) * d if cfg.input_injection == "concat" else 0
     gate = 2 * s * d if cfg.exit_gate else 0
-    return inject + cfg.n_layers * layer_flops(cfg, s, causal) + gate
+    return inject + cfg.n_layers * (layer_flops(cfg, s, causal) + memory_flops(cfg, s)) + gate
 
 
 def readout_flops(cfg: LoopedConfig, seq_len: int, causal: bool = False) -> float:

@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from loopjax.attention import TokenLayout
 from loopjax.config import LoopedConfig
 from loopjax.layers import DENSE_OUTPUT_NAMES, DecoderLayer, RMSNorm, dense, dtype, make_param
+from loopjax.memory import MEMORY_OUTPUT_NAMES, GlobalMemory, LayerMemory
 from loopjax.partitioning import ACTIVATION_BSD, with_logical_constraint
 
 _CKPT = jax.checkpoint_policies
@@ -36,14 +37,14 @@ def _offload(*names: str, saved: tuple[str, ...] = ()) -> Callable:
 
 # The layers' projections run through ``dense`` (a custom_jvp, whose dot the dot-based policies do not see), so
 # the dot policies also save them by their checkpoint names.
-_SAVE_DENSE = _CKPT.save_only_these_names(*DENSE_OUTPUT_NAMES)
+_SAVE_DENSE = _CKPT.save_only_these_names(*DENSE_OUTPUT_NAMES, *MEMORY_OUTPUT_NAMES)
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": _CKPT.nothing_saveable,
     "save_dots": _CKPT.save_from_both_policies(_CKPT.checkpoint_dots, _SAVE_DENSE),
     "minimal": _CKPT.save_from_both_policies(_CKPT.dots_with_no_batch_dims_saveable, _SAVE_DENSE),
     "save_qkv": _CKPT.save_only_these_names("query_proj", "key_proj", "value_proj"),
-    "save_dots_offload": _offload(LAYER_INPUT, LOOP_STATE, saved=DENSE_OUTPUT_NAMES),
+    "save_dots_offload": _offload(LAYER_INPUT, LOOP_STATE, saved=DENSE_OUTPUT_NAMES + MEMORY_OUTPUT_NAMES),
     "offload": _offload(LAYER_INPUT, LOOP_STATE),
 }
 # Under remat_scope="both" the loop-level checkpoint keeps nothing of the loop (its layers are checkpointed
@@ -77,12 +78,14 @@ def remat(fn: Callable, policy_name: str, *, in_scan: bool, scope: str = "loop")
     return jax.checkpoint(fn, policy=policy, prevent_cse=not in_scan)
 
 
-def remat_layer(layer: nnx.Module, policy_name: str, scope: str) -> Callable:
+def remat_layer(layer: nnx.Module, policy_name: str, scope: str, call: Callable | None = None) -> Callable:
     """``layer`` as a function of its inputs, its input tagged ``LAYER_INPUT``; checkpointed on its own when
-    ``scope`` is "layer" or "both"."""
+    ``scope`` is "layer" or "both". ``call(layer, x, *args)`` runs it (default ``layer(x, *args)``); ``layer`` may
+    be any graph node, e.g. a tuple of a layer and its extras."""
+    call = call or (lambda layer, x, *args: layer(x, *args))
 
     def tagged(layer: nnx.Module, x: jax.Array, *args) -> jax.Array:
-        return layer(checkpoint_name(x, LAYER_INPUT), *args)
+        return call(layer, checkpoint_name(x, LAYER_INPUT), *args)
 
     if policy_name == "none" or scope == "loop":  # the loop's checkpoint (if any) sees the tag
         return lambda *args: tagged(layer, *args)
@@ -116,16 +119,21 @@ class CoreOutput:
     out_BSD: the read-out state of the last loop (step-normed state, or norm(state) without step norm).
     step_out_TBSD: ``out`` after every loop, when recorded.
     gate_TBS: exit-gate logits after every loop (None without a gate).
+    memory_gates_TK2: mean memory gate value per loop, core layer and bank (local, global), float32, NaN for an
+      absent bank (None without memory banks).
     """
 
     state_BSD: jax.Array
     out_BSD: jax.Array
     step_out_TBSD: jax.Array | None = None
     gate_TBS: jax.Array | None = None
+    memory_gates_TK2: jax.Array | None = None
 
 
 class LoopedCore(nnx.Module):
-    """k shared decoder layers, the output/step norm, the exit gate and the input-injection adapter."""
+    """k shared decoder layers, the output/step norm, the exit gate and the input-injection adapter; with memory
+    banks also one ``LayerMemory`` per core layer (``layer_memory``, parallel to ``layers``) and the shared
+    ``global_memory``."""
 
     def __init__(self, cfg: LoopedConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -135,6 +143,10 @@ class LoopedCore(nnx.Module):
         d = cfg.d_model
         self.adapter = (make_param(rngs, (2 * d, d), ("mlp", "embed"), cfg.init_std, cfg.param_dtype)
                         if cfg.input_injection == "concat" else None)
+        # Per-core-layer extras live in lists parallel to ``layers`` (whose parameter paths stay Ouro's).
+        self.layer_memory = (nnx.List([LayerMemory(cfg, rngs) for _ in range(cfg.n_layers)])
+                             if cfg.has_memory else None)
+        self.global_memory = GlobalMemory(cfg, rngs) if cfg.memory_global_slots > 0 else None
 
     def initial_state(self, e_BSD: jax.Array) -> jax.Array:
         """h_0: the embedding (no injection) or zeros (the embedding re-enters at every loop instead)."""
@@ -149,10 +161,31 @@ class LoopedCore(nnx.Module):
             return checkpoint_name(dense(he, self.adapter[...].astype(he.dtype)), "inject_proj").astype(h_BSD.dtype)
         return h_BSD
 
+    def read_memory(self, layer_index: int, x_BSD: jax.Array) -> jax.Array:
+        """Core layer ``layer_index``'s input after its memory read (identity without memory banks)."""
+        if self.layer_memory is None:
+            return x_BSD
+        return self.layer_memory[layer_index].inject(x_BSD, self.global_memory)[0]
+
+    def layer_unit(self, layer_index: int) -> tuple[nnx.Module, ...]:
+        """Core layer ``layer_index`` with its per-layer extras that exist: (layer,) or (layer, memory)."""
+        extras = (self.layer_memory,)
+        return (self.layers[layer_index], *(e[layer_index] for e in extras if e is not None))
+
+    def _run_unit(self, unit_and_shared: tuple, x_BSD: jax.Array, *args) -> tuple[jax.Array, jax.Array | None]:
+        """One core layer of a ``layer_unit`` (memory read first, when present): (x, memory gates [2] or None)."""
+        (layer, *extras), global_memory = unit_and_shared
+        gates = None
+        if self.layer_memory is not None:
+            x_BSD, gates = extras[0].inject(x_BSD, global_memory)
+        return layer(x_BSD, *args), gates
+
     def stacked_layers(self) -> tuple[nnx.GraphDef, nnx.State]:
-        """(one layer's graphdef, the k layers' states stacked on a leading axis): what ``scan_layers`` scans."""
-        graphdef = nnx.graphdef(self.layers[0])
-        return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in self.layers])
+        """(one ``layer_unit``'s graphdef, the k units' states stacked on a leading axis): what ``scan_layers``
+        scans (a layer with its per-layer extras per step)."""
+        units = [self.layer_unit(i) for i in range(len(self.layers))]
+        graphdef = nnx.graphdef(units[0])
+        return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(unit) for unit in units])
 
     def step(self, h_BSD: jax.Array, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
              layout: TokenLayout, stacked: tuple[nnx.GraphDef, nnx.State] | None = None,
@@ -160,23 +193,33 @@ class LoopedCore(nnx.Module):
         """One loop: (new carried state, read-out state, gate logit [B, S] or None).
 
         stacked: ``stacked_layers()`` computed once outside a scan over loops (``scan_layers`` only)."""
+        return self.step_with_gates(h_BSD, e_BSD, cos_BSh, sin_BSh, layout, stacked)[:3]
+
+    def step_with_gates(self, h_BSD: jax.Array, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
+                        layout: TokenLayout, stacked: tuple[nnx.GraphDef, nnx.State] | None = None,
+                        ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """``step`` plus the mean memory gate values per core layer and bank, [k, 2] (None without memory)."""
         cfg = self.cfg
         x = self.inject(checkpoint_name(h_BSD, LOOP_STATE), e_BSD)
 
-        def apply(layer: nnx.Module, x: jax.Array) -> jax.Array:
-            run = remat_layer(layer, cfg.remat_policy, cfg.remat_scope)
-            return with_logical_constraint(run(x, cos_BSh, sin_BSh, layout), ACTIVATION_BSD)
+        def apply(unit: tuple, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+            run = remat_layer((unit, self.global_memory), cfg.remat_policy, cfg.remat_scope, call=self._run_unit)
+            x, gates = run(x, cos_BSh, sin_BSh, layout)
+            return with_logical_constraint(x, ACTIVATION_BSD), gates
 
         if cfg.scan_layers and len(self.layers) > 1:
             graphdef, states = stacked if stacked is not None else self.stacked_layers()
-            x, _ = jax.lax.scan(lambda x, st: (apply(nnx.merge(graphdef, st), x), None), x, states)
+            x, mem_gates = jax.lax.scan(lambda x, st: apply(nnx.merge(graphdef, st), x), x, states)
         else:
-            for layer in self.layers:
-                x = apply(layer, x)
+            per_layer = []
+            for i in range(len(self.layers)):
+                x, gates = apply(self.layer_unit(i), x)
+                per_layer.append(gates)
+            mem_gates = None if self.layer_memory is None else jnp.stack(per_layer)
         out = self.norm(x)
         new_h = out if self.cfg.step_norm else x
         gate = self.gate(out) if self.gate is not None else None
-        return new_h, out, gate
+        return new_h, out, gate, mem_gates
 
     def __call__(self, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout, *,
                  n_loops: int, record_steps: bool = False, use_scan: bool = True) -> CoreOutput:
@@ -186,22 +229,23 @@ class LoopedCore(nnx.Module):
         stacked = self.stacked_layers() if self.cfg.scan_layers and len(self.layers) > 1 else None
 
         def body(state, stacked, h, e, cos, sin, layout):
-            return nnx.merge(graphdef, state).step(h, e, cos, sin, layout, stacked)
+            return nnx.merge(graphdef, state).step_with_gates(h, e, cos, sin, layout, stacked)
 
         body = remat(body, self.cfg.remat_policy, in_scan=use_scan, scope=self.cfg.remat_scope)
 
         def loop_fn(h, _):
-            h, out, gate = body(state, stacked, h, e_BSD, cos_BSh, sin_BSh, layout)
-            return h, (out if record_steps else None, gate)
+            h, out, gate, mem_gates = body(state, stacked, h, e_BSD, cos_BSh, sin_BSh, layout)
+            return h, (out if record_steps else None, gate, mem_gates)
 
         h0 = self.initial_state(e_BSD)
         if use_scan:
-            h, (step_out, gates) = jax.lax.scan(loop_fn, h0, length=n_loops, unroll=self.cfg.scan_unroll)
+            h, (step_out, gates, mem_gates) = jax.lax.scan(loop_fn, h0, length=n_loops, unroll=self.cfg.scan_unroll)
         else:
             h, ys = h0, []
             for _ in range(n_loops):
                 h, y = loop_fn(h, None)
                 ys.append(y)
-            step_out, gates = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else (None, None)
+            step_out, gates, mem_gates = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else (None, None, None)
         out = h if self.cfg.step_norm else self.norm(h)
-        return CoreOutput(state_BSD=h, out_BSD=out, step_out_TBSD=step_out, gate_TBS=gates)
+        return CoreOutput(state_BSD=h, out_BSD=out, step_out_TBSD=step_out, gate_TBS=gates,
+                          memory_gates_TK2=mem_gates)

@@ -30,6 +30,9 @@ class LoopedOutput:
     exit_pdf: [B, S, T] stick-breaking exit distribution from ``gate_logits``; None without a gate.
     exit_step: [B, S] int32, the loop (1..T) each token's logits were read from; None for plain calls.
     n_iterations: scalar int32, loop iterations executed; None for plain calls.
+    memory_gates: [T, k, 2] float32 mean memory gate value (over batch and positions, padding included) per loop,
+      core layer and bank (local, global), NaN for an absent bank; None without memory banks and in exit-rule
+      calls (whose steps still read the memory).
     """
 
     logits: jax.Array
@@ -40,6 +43,7 @@ class LoopedOutput:
     exit_pdf: jax.Array | None = None
     exit_step: jax.Array | None = None
     n_iterations: jax.Array | None = None
+    memory_gates: jax.Array | None = None
 
 
 class LoopedLM(nnx.Module):
@@ -193,7 +197,8 @@ class LoopedLM(nnx.Module):
             gate_BST = jnp.moveaxis(core.gate_TBS, 0, -1)
             exit_pdf = exit_distribution(gate_BST)
         return LoopedOutput(logits=logits, hidden=core.out_BSD, step_logits=step_logits,
-                            step_hidden=core.step_out_TBSD, gate_logits=gate_BST, exit_pdf=exit_pdf)
+                            step_hidden=core.step_out_TBSD, gate_logits=gate_BST, exit_pdf=exit_pdf,
+                            memory_gates=core.memory_gates_TK2)
 
     def _halting_call(self, e_BSD, cos_BSh, sin_BSh, layout, *, n_loops, exit_rule, run_all_loops, max_loops,
                       backprop_loops, return_steps) -> LoopedOutput:

@@ -2,8 +2,8 @@
 
 Both are pure functions of a merged ``LoopedLM`` (called inside ``jax.jit``) built from the model's own pieces:
 ``Attention.project`` / ``attend``, ``DecoderLayer.attn_residual`` / ``mlp_residual``, ``LoopedCore.inject`` /
-``norm`` / ``gate``, ``LoopedLM.embed_tokens`` / ``head``, so cached decoding computes what ``LoopedLM.__call__``
-computes. Shapes: B batch, S prompt length, C cache length, D d_model, V vocab, T loop steps.
+``read_memory`` / ``norm`` / ``gate``, ``LoopedLM.embed_tokens`` / ``head``, so cached decoding computes what
+``LoopedLM.__call__`` computes (the memory read is per token: it needs no cache). Shapes: B batch, S prompt length, C cache length, D d_model, V vocab, T loop steps.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, 
         h, out_sel, open_, exit_step, gates = carry
         x = core.inject(h, e)
         kv = []
-        for layer in core.layers:
-            x, k, v = _layer_chunk(layer, x, cos, sin, layout)
+        for l, layer in enumerate(core.layers):
+            x, k, v = _layer_chunk(layer, core.read_memory(l, x), cos, sin, layout)
             kv.append((k, v))
         out = core.norm(x)
         new_h = out if cfg.step_norm else x
@@ -187,7 +187,7 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
         h, out_sel, open_, exit_step, gates, n_iter = state
         x = core.inject(h, e)
         for l, layer in enumerate(core.layers):
-            x = layer_fn(l, layer, x)
+            x = layer_fn(l, layer, core.read_memory(l, x))
         out = core.norm(x)
         new_h = out if cfg.step_norm else x
         if core.gate is not None:
