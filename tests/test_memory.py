@@ -330,3 +330,11 @@ def test_cached_greedy_generation_equals_no_cache_forward():
     ref = np.asarray(model(jnp.asarray(seq)).logits)[:, prompt.shape[1] - 1:-1]
     np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref.argmax(-1))
+
+
+def test_ouro_export_refuses_a_memory_model(tmp_path):
+    cfg = lj.ouro_1_4b(d_model=32, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64, vocab_size=64,
+                       memory_local_slots=4)
+    m = nnx.eval_shape(lambda: lj.LoopedLM(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="memory_local_slots"):
+        lj.save_ouro(m, str(tmp_path))
