@@ -3,7 +3,8 @@
 from loopjax import analysis  # cheap: matplotlib is imported only when a plot is drawn
 from loopjax import data  # cheap: grain is imported only when a pipeline is built
 from loopjax import train  # lj.train.Trainer
-from loopjax.config import HaltingConfig, LoopedConfig, MeshConfig, TrainConfig, ouro_1_4b, ouro_2_6b, tiny
+from loopjax.config import (HaltingConfig, LoopedConfig, MeshConfig, TrainConfig, frey_200m, ouro_1_4b,
+                            ouro_2_6b, tiny)
 from loopjax.convert import load_ouro, save_ouro
 from loopjax.flops import forward_flops, train_flops
 from loopjax.halting import (ACTExit, ConvergenceExit, FixedExit, QExit, act_loss, chunked_step_cross_entropy,
@@ -24,7 +25,7 @@ __all__ = [
     "ACTExit", "ConvergenceExit", "FixedExit", "GenerateOutput", "HaltingConfig", "KVCache", "LoopedConfig",
     "LoopedCore", "LoopedLM", "LoopedOutput", "MeshConfig", "QExit", "Sampling", "TextGeneration", "TrainConfig",
     "act_loss", "analysis", "chunked_step_cross_entropy", "count_params", "data", "exit_cdf", "exit_distribution",
-    "expected_loss_terms", "final_step_loss", "forward_flops", "fused_step_cross_entropy", "generate",
+    "expected_loss_terms", "final_step_loss", "forward_flops", "frey_200m", "fused_step_cross_entropy", "generate",
     "generate_text", "halting_loss", "load_ouro", "make_mesh",
     "mixture_logits", "mixture_logits_loss", "ouro_1_4b", "ouro_2_6b", "ouro_expected_loss", "ouro_gate_loss",
     "pondernet_loss", "sample_loop_count", "save_ouro", "step_cross_entropy", "tiny", "train", "train_flops",

@@ -49,7 +49,7 @@ import time
 from typing import Any, Iterator, Sequence
 
 from loopjax.config import (MESH_AXES, SHARDING_PRESETS, HaltingConfig, LoopedConfig, MeshConfig, TrainConfig,
-                            ouro_1_4b, ouro_2_6b, tiny)
+                            frey_200m, ouro_1_4b, ouro_2_6b, tiny)
 
 GIB = 2.0 ** 30
 
@@ -68,7 +68,7 @@ TPU_CHIPS: dict[str, ChipSpec] = {
     "v5p": ChipSpec(459e12, 95.0),
     "v6e": ChipSpec(918e12, 32.0),
 }
-PRESETS = {"tiny": tiny, "ouro_1_4b": ouro_1_4b, "ouro_2_6b": ouro_2_6b}
+PRESETS = {"tiny": tiny, "ouro_1_4b": ouro_1_4b, "ouro_2_6b": ouro_2_6b, "frey_200m": frey_200m}
 NO_WINDOWED_EINSUM = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
                       "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
 COST_VARIANTS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (n_layers, n_loops) of the costing compiles
@@ -131,7 +131,7 @@ def resolve_target(config: str, *, seq: int | None = None, batch: int | None = N
                    mesh: MeshConfig | None = None, overrides: Sequence[str] = ()) -> AotTarget:
     """The model and run to compile.
 
-    ``config``: a preset name (``tiny``, ``ouro_1_4b``, ``ouro_2_6b``), trained as ``loopjax train`` would train it
+    ``config``: a preset name (``tiny``, ``ouro_1_4b``, ``ouro_2_6b``, ``frey_200m``), trained as ``loopjax train`` would
     (float32 master weights, bfloat16 compute, the Ouro objective with the chunked per-loop CE, AdamW; default
     seq 2048, batch 16, FSDP over every chip), or an experiment config as ``loopjax train`` takes it.
     ``overrides``: ``model.KEY=VALUE`` / ``train.KEY=VALUE`` (dotted paths, as ``--set``).
@@ -142,7 +142,9 @@ def resolve_target(config: str, *, seq: int | None = None, batch: int | None = N
     if preset:
         model = PRESETS[config](param_dtype="float32", compute_dtype="bfloat16")
         train = TrainConfig(batch_size=16, seq_len=2048, warmup_steps=100,
-                            objective=HaltingConfig(objective="ouro", chunked=True),
+                            # the exit gate's objective where the model has one (frey_200m has none)
+                            objective=HaltingConfig(objective="ouro" if model.exit_gate else "final",
+                                                    chunked=True),
                             mesh=MeshConfig(data=1, fsdp=-1, rules="fsdp"))
         target = apply_overrides(AotTarget(model, train), overrides)
     else:

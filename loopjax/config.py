@@ -109,6 +109,15 @@ class LoopedConfig:
         its output (Frey et al. 2026). 1 = off (no extra parameters, today's model bit for bit).
       layer_loop_scale_init: initial residual-scale logit a_t of every iteration (softplus(-7) ~ 1e-3: each
         layer starts near the identity).
+
+    Gated memory banks (``loopjax.memory``; Frey et al. 2026), read before every core layer at every iteration:
+      memory_local_slots: S_L slots of the bank each core layer owns (0 = no local banks); >= 0.
+      memory_global_slots: S_G slots of the one bank all core layers share (0 = no global bank); >= 0.
+      memory_gate_bias: initial bias b of the element-wise gates sigmoid(W_g h + b) (W_g starts at zero, so every
+        gate starts at exactly sigmoid(b)); the paper's code default -3 (gates nearly shut), +3 reported best.
+      With both slot counts 0 (the default) the model has no memory parameters and computes today's function.
+      Weight decay (``loopjax.train.optim.decay_mask``) skips the banks' keys and values, the gates' biases and
+      every norm scale; the projections and gate matrices are decayed like other matrices.
     """
 
     vocab_size: int = 256
@@ -142,8 +151,13 @@ class LoopedConfig:
     # --- per-layer adaptive loops (issue 29) ---
     layer_loops: int = 1
     layer_loop_scale_init: float = -7.0
+    # --- gated memory banks (loopjax.memory) ---
+    memory_local_slots: int = 0
+    memory_global_slots: int = 0
+    memory_gate_bias: float = -3.0
 
     def __post_init__(self) -> None:
+        self._check_memory()
         _check_int("vocab_size", self.vocab_size, 2)
         _check_int("d_model", self.d_model, 1)
         _check_int("n_heads", self.n_heads, 1)
@@ -193,6 +207,22 @@ class LoopedConfig:
         _check_int("layer_loops", self.layer_loops, 1)
         _check_finite("layer_loop_scale_init", self.layer_loop_scale_init)
 
+    def _check_memory(self) -> None:
+        _check_int("memory_local_slots", self.memory_local_slots, 0)
+        _check_int("memory_global_slots", self.memory_global_slots, 0)
+        gate_bias = self.memory_gate_bias
+        if isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float)) or not abs(gate_bias) < float("inf"):
+            _fail("memory_gate_bias", gate_bias, "a finite float")
+        if self.has_memory and (isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int)
+                                or self.n_layers < 1):
+            _fail("n_layers", self.n_layers, "an int >= 1 when memory banks are on (they are read before core "
+                  "layers; memory_local_slots / memory_global_slots need a core)")
+
+    @property
+    def has_memory(self) -> bool:
+        """Whether the core reads gated memory banks (any slots, local or global)."""
+        return self.memory_local_slots > 0 or self.memory_global_slots > 0
+
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -233,6 +263,23 @@ def ouro_1_4b(**overrides: Any) -> LoopedConfig:
 def ouro_2_6b(**overrides: Any) -> LoopedConfig:
     """ByteDance Ouro-2.6B: as Ouro-1.4B with 48 layers."""
     return _ouro(48, **overrides)
+
+
+def frey_200m(**overrides: Any) -> LoopedConfig:
+    """Frey et al.'s Loop-3 + Mem at ~200M: their Base (12 layers of width 768, 12 heads of 64, SwiGLU 2048,
+    vocab 50,304, untied head, RoPE base 500k, RMSNorm, no biases) with per-layer loops (``layer_loops=3``, residual
+    scales from -7) and gated memory: 1024 local slots per layer, 512 global slots, gate bias +3 (the paper's
+    best); one pass over the layers (n_loops=1). ``frey_200m(layer_loops=1, memory_local_slots=0,
+    memory_global_slots=0)`` is their Base.
+
+    q/k norms inside attention are not a loopjax option: the memory read's query and key norms are."""
+    base = dict(vocab_size=50304, d_model=768, n_heads=12, n_kv_heads=12, head_dim=64, d_ff=2048, n_layers=12,
+                n_loops=1, max_seq_len=4096, norm_scheme="pre", rope_theta=500000.0, rms_eps=1e-6,
+                tie_embeddings=False, exit_gate=False, param_dtype="float32", compute_dtype="bfloat16",
+                layer_loops=3, memory_local_slots=1024, memory_global_slots=512, memory_gate_bias=3.0,
+                remat_scope="layer", scan_layers=True)
+    base.update(overrides)
+    return LoopedConfig(**base)
 
 
 SHARDING_PRESETS = ("dp", "fsdp", "fsdp_tp")

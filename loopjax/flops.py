@@ -1,8 +1,10 @@
 """Exact matmul FLOP counts of a forward pass, as executed (2 FLOPs per multiply-add).
 
 Counted: q/k/v/o projections, attention scores and attention-weighted values, the three SwiGLU matmuls, the
-concat-injection adapter, the exit gate, the LM head, and with per-layer loops (``layer_loops`` N > 1) every
-iteration of every core layer with its halting router (training runs all N). Attention is counted over the full S×S score matrix
+concat-injection adapter, the exit gate, the memory reads (scores and values of each bank, its projection and
+its gate matrix; per core layer and iteration), the LM head, and with per-layer loops (``layer_loops`` N > 1)
+every iteration of every core layer with its memory read and halting router (training runs all N). Attention is
+counted over the full S×S score matrix
 because that is what the masked dense kernel computes (causal and sliding-window masks do not skip work);
 ``causal=True`` counts only the query-key pairs a causal (sliding-window) mask keeps, S²/2 for full causal
 attention: the work a step must do, as model-FLOP utilisation (MFU) conventionally counts it.
@@ -32,21 +34,32 @@ def layer_flops(cfg: LoopedConfig, seq_len: int, causal: bool = False) -> float:
     return projections + attention + mlp
 
 
+def memory_flops(cfg: LoopedConfig, seq_len: int) -> float:
+    """FLOPs of one core layer's memory read (``loopjax.memory``) over ``seq_len`` tokens: per bank of M slots,
+    scores q·Kᵀ and probs·V (2·M·D each per token, dense over all slots), the projection W and the gate W_g
+    (2·D² each per token). 0 without memory banks."""
+    d = cfg.d_model
+    return sum(seq_len * (2 * 2 * m * d + 2 * 2 * d * d)
+               for m in (cfg.memory_local_slots, cfg.memory_global_slots) if m > 0)
+
+
 def layer_loop_flops(cfg: LoopedConfig, seq_len: int, causal: bool = False,
                      iterations: float | None = None) -> float:
-    """FLOPs of one core layer with its per-layer loop: ``iterations`` applications of the layer (default
-    ``cfg.layer_loops``, all of them, as training runs), each followed by the halting router Linear(D+1 → 1);
-    the plain layer when ``layer_loops`` is 1. The expectation Σ p_t h_t is elementwise (not counted)."""
+    """FLOPs of one core layer with its memory read and per-layer loop: ``iterations`` applications (default
+    ``cfg.layer_loops``, all of them, as training runs) of memory read + layer, each followed by the halting
+    router Linear(D+1 → 1); memory read + layer once when ``layer_loops`` is 1. The expectation Σ p_t h_t is
+    elementwise (not counted)."""
+    once = layer_flops(cfg, seq_len, causal) + memory_flops(cfg, seq_len)
     if cfg.layer_loops == 1:
-        return layer_flops(cfg, seq_len, causal)
+        return once
     n = cfg.layer_loops if iterations is None else iterations
-    return n * (layer_flops(cfg, seq_len, causal) + 2 * seq_len * (cfg.d_model + 1))
+    return n * (once + 2 * seq_len * (cfg.d_model + 1))
 
 
 def loop_flops(cfg: LoopedConfig, seq_len: int, causal: bool = False,
                layer_iterations: float | None = None) -> float:
-    """FLOPs of one application of the core: injection adapter, k layers (each with its per-layer loop's
-    ``layer_iterations``, see ``layer_loop_flops``), exit gate."""
+    """FLOPs of one application of the core: injection adapter, k layers (each with its memory read and per-layer
+    loop's ``layer_iterations``, see ``layer_loop_flops``), exit gate."""
     s, d = seq_len, cfg.d_model
     inject = 2 * s * (2 * d) * d if cfg.input_injection == "concat" else 0
     gate = 2 * s * d if cfg.exit_gate else 0

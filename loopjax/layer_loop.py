@@ -53,8 +53,9 @@ from flax import nnx
 from loopjax.config import LoopedConfig
 from loopjax.layers import dtype, make_param
 
-# step_fn(h_BSD, residual_scale) -> the layer's next state h_BSD: one iteration of one core layer.
-IterationFn = Callable[[jax.Array, jax.Array], jax.Array]
+# step_fn(h_BSD, residual_scale) -> (the layer's next state h_BSD, aux): one iteration of one core layer; aux is
+# a per-iteration statistic (the memory gates [2]) or None, averaged over the iterations each layer ran.
+IterationFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array | None]]
 
 
 def check_threshold(threshold: object, layer_loops: int) -> None:
@@ -126,36 +127,42 @@ class LayerLoop(nnx.Module):
         """(Σ_t p_t h_t in ``out_dtype``, E[n] float32 [B, S]) from the running sums after the last iteration."""
         return sums[0].astype(out_dtype), sums[2]
 
-    def run(self, step_fn: IterationFn, x_BSD: jax.Array) -> tuple[jax.Array, LayerLoopStats]:
-        """All N iterations (training): (Σ_t p_t h_t [B, S, D] in x's dtype, stats)."""
+    def run(self, step_fn: IterationFn, x_BSD: jax.Array
+            ) -> tuple[jax.Array, LayerLoopStats, jax.Array | None]:
+        """All N iterations (training): (Σ_t p_t h_t [B, S, D] in x's dtype, stats, mean aux over iterations)."""
         n = self.n_iterations
 
         def body(carry, xs):
             h, sums = carry
             scale, i = xs
-            h = step_fn(h, scale)
-            return (h, self.accumulate(sums, h, i)), None
+            h, aux = step_fn(h, scale)
+            return (h, self.accumulate(sums, h, i)), aux
 
-        (_, sums), _ = jax.lax.scan(body, (x_BSD, self.start(x_BSD)), (self.scales(), jnp.arange(n, dtype=jnp.int32)))
+        (_, sums), aux_N = jax.lax.scan(body, (x_BSD, self.start(x_BSD)),
+                                        (self.scales(), jnp.arange(n, dtype=jnp.int32)))
         out, en = self.finish(sums, x_BSD.dtype)
-        return out, LayerLoopStats(en, jnp.full(en.shape, n, jnp.int32), jnp.int32(n))
+        aux = None if aux_N is None else jax.tree.map(lambda a: a.mean(0), aux_N)
+        return out, LayerLoopStats(en, jnp.full(en.shape, n, jnp.int32), jnp.int32(n)), aux
 
     def run_adaptive(self, step_fn: IterationFn, x_BSD: jax.Array, threshold: float
-                     ) -> tuple[jax.Array, LayerLoopStats]:
+                     ) -> tuple[jax.Array, LayerLoopStats, jax.Array | None]:
         """Masked ``lax.while_loop`` (inference): a token stops once its cumulative halting mass is >= threshold
-        (see the module doc); (output [B, S, D], stats). Not differentiable in reverse mode."""
+        (see the module doc); (output [B, S, D], stats, mean aux over the iterations executed). Not differentiable
+        in reverse mode."""
         n, scales = self.n_iterations, self.scales()
         b, s, _ = x_BSD.shape
+        aux_shape = jax.eval_shape(step_fn, x_BSD, scales[0])[1]
         carry = dict(i=jnp.int32(0), h=x_BSD, acc=jnp.zeros(x_BSD.shape, jnp.float32),
                      survive=jnp.ones((b, s), jnp.float32), en=jnp.zeros((b, s), jnp.float32),
-                     active=jnp.ones((b, s), bool), exit=jnp.full((b, s), n, jnp.int32))
+                     active=jnp.ones((b, s), bool), exit=jnp.full((b, s), n, jnp.int32),
+                     aux=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
 
         def cond(c):
             return (c["i"] < n) & jnp.any(c["active"])
 
         def body(c):
             i, a, survive = c["i"], c["active"], c["survive"]
-            new_h = step_fn(c["h"], scales[i])
+            new_h, aux = step_fn(c["h"], scales[i])
             g = self.router_logit(new_h, i)
             survive_next = survive * jax.nn.sigmoid(-g)
             fires = (i >= n - 1) | (1.0 - survive_next >= threshold)
@@ -164,7 +171,9 @@ class LayerLoop(nnx.Module):
                         acc=c["acc"] + p[..., None] * new_h.astype(jnp.float32),
                         survive=jnp.where(a, jnp.where(fires, 0.0, survive_next), survive),
                         en=c["en"] + p * (i + 1).astype(jnp.float32), active=a & ~fires,
-                        exit=jnp.where(a & fires, i + 1, c["exit"]))
+                        exit=jnp.where(a & fires, i + 1, c["exit"]),
+                        aux=jax.tree.map(jnp.add, c["aux"], aux))
 
         c = jax.lax.while_loop(cond, body, carry)
-        return c["acc"].astype(x_BSD.dtype), LayerLoopStats(c["en"], c["exit"], c["i"])
+        aux = jax.tree.map(lambda a: a / c["i"], c["aux"])
+        return c["acc"].astype(x_BSD.dtype), LayerLoopStats(c["en"], c["exit"], c["i"]), aux

@@ -21,6 +21,7 @@ from loopjax.attention import TokenLayout
 from loopjax.config import LoopedConfig
 from loopjax.layer_loop import LayerLoop, LayerLoopStats
 from loopjax.layers import DENSE_OUTPUT_NAMES, DecoderLayer, RMSNorm, dense, dtype, make_param
+from loopjax.memory import MEMORY_OUTPUT_NAMES, GlobalMemory, LayerMemory
 from loopjax.partitioning import ACTIVATION_BSD, with_logical_constraint
 
 _CKPT = jax.checkpoint_policies
@@ -37,14 +38,14 @@ def _offload(*names: str, saved: tuple[str, ...] = ()) -> Callable:
 
 # The layers' projections run through ``dense`` (a custom_jvp, whose dot the dot-based policies do not see), so
 # the dot policies also save them by their checkpoint names.
-_SAVE_DENSE = _CKPT.save_only_these_names(*DENSE_OUTPUT_NAMES)
+_SAVE_DENSE = _CKPT.save_only_these_names(*DENSE_OUTPUT_NAMES, *MEMORY_OUTPUT_NAMES)
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": _CKPT.nothing_saveable,
     "save_dots": _CKPT.save_from_both_policies(_CKPT.checkpoint_dots, _SAVE_DENSE),
     "minimal": _CKPT.save_from_both_policies(_CKPT.dots_with_no_batch_dims_saveable, _SAVE_DENSE),
     "save_qkv": _CKPT.save_only_these_names("query_proj", "key_proj", "value_proj"),
-    "save_dots_offload": _offload(LAYER_INPUT, LOOP_STATE, saved=DENSE_OUTPUT_NAMES),
+    "save_dots_offload": _offload(LAYER_INPUT, LOOP_STATE, saved=DENSE_OUTPUT_NAMES + MEMORY_OUTPUT_NAMES),
     "offload": _offload(LAYER_INPUT, LOOP_STATE),
 }
 # Under remat_scope="both" the loop-level checkpoint keeps nothing of the loop (its layers are checkpointed
@@ -78,12 +79,14 @@ def remat(fn: Callable, policy_name: str, *, in_scan: bool, scope: str = "loop")
     return jax.checkpoint(fn, policy=policy, prevent_cse=not in_scan)
 
 
-def remat_layer(layer: nnx.Module, policy_name: str, scope: str) -> Callable:
+def remat_layer(layer: nnx.Module, policy_name: str, scope: str, call: Callable | None = None) -> Callable:
     """``layer`` as a function of its inputs, its input tagged ``LAYER_INPUT``; checkpointed on its own when
-    ``scope`` is "layer" or "both"."""
+    ``scope`` is "layer" or "both". ``call(layer, x, *args)`` runs it (default ``layer(x, *args)``); ``layer`` may
+    be any graph node, e.g. a tuple of a layer and its extras."""
+    call = call or (lambda layer, x, *args: layer(x, *args))
 
     def tagged(layer: nnx.Module, x: jax.Array, *args) -> jax.Array:
-        return layer(checkpoint_name(x, LAYER_INPUT), *args)
+        return call(layer, checkpoint_name(x, LAYER_INPUT), *args)
 
     if policy_name == "none" or scope == "loop":  # the loop's checkpoint (if any) sees the tag
         return lambda *args: tagged(layer, *args)
@@ -119,6 +122,8 @@ class CoreOutput:
     gate_TBS: exit-gate logits after every loop (None without a gate).
     layer_stats: per-layer loop statistics with leading axes [T, k] (``LayerLoopStats``); None without
       per-layer loops.
+    memory_gates_TK2: mean memory gate value per loop, core layer and bank (local, global), float32, NaN for an
+      absent bank (None without memory banks); with per-layer loops, the mean over the iterations each layer ran.
     """
 
     state_BSD: jax.Array
@@ -126,13 +131,15 @@ class CoreOutput:
     step_out_TBSD: jax.Array | None = None
     gate_TBS: jax.Array | None = None
     layer_stats: LayerLoopStats | None = None
+    memory_gates_TK2: jax.Array | None = None
 
 
 class LoopedCore(nnx.Module):
     """k shared decoder layers, the output/step norm, the exit gate and the input-injection adapter.
 
-    Per-core-layer extras live in lists parallel to ``layers`` (one entry per layer, None when off):
-    ``layer_loops`` (``layer_loop.LayerLoop``, when ``cfg.layer_loops > 1``).
+    Per-core-layer extras live in lists parallel to ``layers`` (one entry per layer, None when off; ``layers``
+    keeps Ouro's parameter paths): ``layer_loops`` (``layer_loop.LayerLoop``, when ``cfg.layer_loops > 1``) and
+    ``layer_memory`` (``memory.LayerMemory``, with memory banks), plus the one shared ``global_memory``.
     """
 
     def __init__(self, cfg: LoopedConfig, rngs: nnx.Rngs):
@@ -145,6 +152,9 @@ class LoopedCore(nnx.Module):
                         if cfg.input_injection == "concat" else None)
         self.layer_loops = (nnx.List([LayerLoop(cfg, rngs) for _ in range(cfg.n_layers)])
                             if cfg.layer_loops > 1 else None)
+        self.layer_memory = (nnx.List([LayerMemory(cfg, rngs) for _ in range(cfg.n_layers)])
+                             if cfg.has_memory else None)
+        self.global_memory = GlobalMemory(cfg, rngs) if cfg.memory_global_slots > 0 else None
 
     def initial_state(self, e_BSD: jax.Array) -> jax.Array:
         """h_0: the embedding (no injection) or zeros (the embedding re-enters at every loop instead)."""
@@ -160,8 +170,8 @@ class LoopedCore(nnx.Module):
         return h_BSD
 
     def layer_modules(self, l: int) -> dict[str, nnx.Module]:
-        """Core layer ``l``'s modules by name: "layer" and each per-layer extra that is on ("loop")."""
-        extras = {"loop": self.layer_loops}
+        """Core layer ``l``'s modules by name: "layer" and each per-layer extra that is on ("loop", "memory")."""
+        extras = {"loop": self.layer_loops, "memory": self.layer_memory}
         return {"layer": self.layers[l], **{name: mods[l] for name, mods in extras.items() if mods is not None}}
 
     def stacked_layers(self) -> tuple[dict[str, nnx.GraphDef], dict[str, nnx.State]]:
@@ -174,25 +184,40 @@ class LoopedCore(nnx.Module):
                   for name in names}
         return graphdefs, states
 
-    def inject_memory(self, h_BSD: jax.Array) -> jax.Array:
-        """The hook where memory banks enter a core layer's input at every iteration (identity without them)."""
-        return h_BSD
+    def read_memory(self, l: int, x_BSD: jax.Array) -> jax.Array:
+        """Core layer ``l``'s input after its memory read (identity without memory banks)."""
+        if self.layer_memory is None:
+            return x_BSD
+        return self.layer_memory[l].inject(x_BSD, self.global_memory)[0]
 
     def core_layer(self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout, *,
-                   layer: DecoderLayer, loop: LayerLoop | None = None, layer_exit_threshold: float | None = None,
-                   ) -> tuple[jax.Array, LayerLoopStats | None]:
-        """One core layer on its input: a plain application, or its per-layer loop (all iterations, or the
-        masked while loop under ``layer_exit_threshold``). Returns (new state, the loop's stats or None)."""
+                   layer: DecoderLayer, loop: LayerLoop | None = None, memory: LayerMemory | None = None,
+                   layer_exit_threshold: float | None = None,
+                   ) -> tuple[jax.Array, LayerLoopStats | None, jax.Array | None]:
+        """One core layer on its input: memory read + layer, or its per-layer loop of such iterations (all of
+        them, or the masked while loop under ``layer_exit_threshold``). Returns (new state, the loop's stats or
+        None, mean memory gates [2] (local, global) or None)."""
         cfg = self.cfg
-        run = remat_layer(layer, cfg.remat_policy, cfg.remat_scope)
 
-        def iteration(h: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-            # the one per-iteration function: layer(inject(h), residual_scale=s)
+        def call(unit: tuple, h: jax.Array, *args) -> tuple[jax.Array, jax.Array | None]:
+            layer, memory, global_memory = unit
+            gates = None
+            if memory is not None:
+                h, gates = memory.inject(h, global_memory)
+            return layer(h, *args), gates
+
+        # The memory read sits inside the layer's checkpoint: remat recomputes it with the layer.
+        run = remat_layer((layer, memory, self.global_memory), cfg.remat_policy, cfg.remat_scope, call=call)
+
+        def iteration(h: jax.Array, scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+            # the one per-iteration function: layer(inject(h), residual_scale=s), with the memory gates read
             args = (cos_BSh, sin_BSh, layout) if scale is None else (cos_BSh, sin_BSh, layout, scale)
-            return with_logical_constraint(run(self.inject_memory(h), *args), ACTIVATION_BSD)
+            h, gates = run(h, *args)
+            return with_logical_constraint(h, ACTIVATION_BSD), gates
 
         if loop is None:
-            return iteration(x_BSD), None
+            x_BSD, gates = iteration(x_BSD)
+            return x_BSD, None, gates
         if layer_exit_threshold is None:
             return loop.run(iteration, x_BSD)
         return loop.run_adaptive(iteration, x_BSD, layer_exit_threshold)
@@ -200,33 +225,35 @@ class LoopedCore(nnx.Module):
     def step(self, h_BSD: jax.Array, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
              layout: TokenLayout, stacked: tuple[dict, dict] | None = None, *,
              layer_exit_threshold: float | None = None, return_layer_stats: bool = False) -> tuple:
-        """One loop: (new carried state, read-out state, gate logit [B, S] or None), plus the per-layer loops'
-        ``LayerLoopStats`` stacked over the k layers (or None) when ``return_layer_stats``.
+        """One loop: (new carried state, read-out state, gate logit [B, S] or None), plus, when
+        ``return_layer_stats``, the per-layer loops' ``LayerLoopStats`` and the mean memory gates [k, 2], each
+        stacked over the k layers (or None).
 
         stacked: ``stacked_layers()`` computed once outside a scan over loops (``scan_layers`` only).
         layer_exit_threshold: run each per-layer loop adaptively (``LayerLoop.run_adaptive``)."""
         cfg = self.cfg
         x = self.inject(checkpoint_name(h_BSD, LOOP_STATE), e_BSD)
 
-        def apply(x: jax.Array, modules: dict[str, nnx.Module]) -> tuple[jax.Array, LayerLoopStats | None]:
-            return self.core_layer(x, cos_BSh, sin_BSh, layout, layer_exit_threshold=layer_exit_threshold,
-                                   **modules)
+        def apply(x: jax.Array, modules: dict[str, nnx.Module]) -> tuple[jax.Array, tuple]:
+            x, stats, gates = self.core_layer(x, cos_BSh, sin_BSh, layout, layer_exit_threshold=layer_exit_threshold,
+                                              **modules)
+            return x, (stats, gates)
 
         if cfg.scan_layers and len(self.layers) > 1:
             graphdefs, states = stacked if stacked is not None else self.stacked_layers()
-            x, stats = jax.lax.scan(
+            x, (stats, mem_gates) = jax.lax.scan(
                 lambda x, st: apply(x, {name: nnx.merge(graphdefs[name], st[name]) for name in graphdefs}), x, states)
         else:
             per_layer = []
             for l in range(len(self.layers)):
-                x, st = apply(x, self.layer_modules(l))
-                per_layer.append(st)
-            stats = None if per_layer[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+                x, aux = apply(x, self.layer_modules(l))
+                per_layer.append(aux)
+            stats, mem_gates = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
         out = self.norm(x)
         new_h = out if self.cfg.step_norm else x
         gate = self.gate(out) if self.gate is not None else None
         if return_layer_stats:
-            return new_h, out, gate, stats
+            return new_h, out, gate, stats, mem_gates
         return new_h, out, gate
 
     def __call__(self, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout, *,
@@ -244,17 +271,19 @@ class LoopedCore(nnx.Module):
         body = remat(body, self.cfg.remat_policy, in_scan=use_scan, scope=self.cfg.remat_scope)
 
         def loop_fn(h, _):
-            h, out, gate, stats = body(state, stacked, h, e_BSD, cos_BSh, sin_BSh, layout)
-            return h, (out if record_steps else None, gate, stats)
+            h, out, gate, stats, mem_gates = body(state, stacked, h, e_BSD, cos_BSh, sin_BSh, layout)
+            return h, (out if record_steps else None, gate, stats, mem_gates)
 
         h0 = self.initial_state(e_BSD)
         if use_scan:
-            h, (step_out, gates, stats) = jax.lax.scan(loop_fn, h0, length=n_loops, unroll=self.cfg.scan_unroll)
+            h, (step_out, gates, stats, mem_gates) = jax.lax.scan(loop_fn, h0, length=n_loops,
+                                                                  unroll=self.cfg.scan_unroll)
         else:
             h, ys = h0, []
             for _ in range(n_loops):
                 h, y = loop_fn(h, None)
                 ys.append(y)
-            step_out, gates, stats = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else (None, None, None)
+            step_out, gates, stats, mem_gates = jax.tree.map(lambda *a: jnp.stack(a), *ys)
         out = h if self.cfg.step_norm else self.norm(h)
-        return CoreOutput(state_BSD=h, out_BSD=out, step_out_TBSD=step_out, gate_TBS=gates, layer_stats=stats)
+        return CoreOutput(state_BSD=h, out_BSD=out, step_out_TBSD=step_out, gate_TBS=gates, layer_stats=stats,
+                          memory_gates_TK2=mem_gates)

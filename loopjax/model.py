@@ -38,6 +38,9 @@ class LoopedOutput:
       ``layer_exit_threshold`` stopped it), the mean over the T block loops; None as ``layer_expected_n``.
     layer_iterations: [T, k] int32, iterations each core layer executed in each block loop (the while loop's trip
       count under ``layer_exit_threshold``, else N); None as ``layer_expected_n``.
+    memory_gates: [T, k, 2] float32 mean memory gate value (over batch and positions, padding included) per loop,
+      core layer and bank (local, global), NaN for an absent bank; None without memory banks and in exit-rule
+      calls (whose steps still read the memory).
     """
 
     logits: jax.Array
@@ -51,6 +54,7 @@ class LoopedOutput:
     layer_expected_n: jax.Array | None = None
     layer_exit_iteration: jax.Array | None = None
     layer_iterations: jax.Array | None = None
+    memory_gates: jax.Array | None = None
 
 
 class LoopedLM(nnx.Module):
@@ -218,7 +222,8 @@ class LoopedLM(nnx.Module):
                                                                  0, -1),
                                layer_iterations=st.iterations)
         return LoopedOutput(logits=logits, hidden=core.out_BSD, step_logits=step_logits,
-                            step_hidden=core.step_out_TBSD, gate_logits=gate_BST, exit_pdf=exit_pdf, **layer_stats)
+                            step_hidden=core.step_out_TBSD, gate_logits=gate_BST, exit_pdf=exit_pdf,
+                            memory_gates=core.memory_gates_TK2, **layer_stats)
 
     def _halting_call(self, e_BSD, cos_BSh, sin_BSh, layout, *, n_loops, exit_rule, run_all_loops, max_loops,
                       backprop_loops, return_steps, layer_exit_threshold=None) -> LoopedOutput:

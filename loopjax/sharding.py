@@ -50,6 +50,9 @@ _RULE_TABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]
     "head_dim": ((), (), ()),
     "mlp": ((), (), _T),
     "norm": ((), (), ()),
+    # memory banks [slots, D]: FSDP over the slot axis (see BENCHMARKS.md, "Memory banks under FSDP")
+    "memory_slots": ((), ("fsdp",), ("fsdp",)),
+    "memory_embed": ((), (), ()),
     # activations and input batches
     "batch": (_DATA, _DATA_FSDP, _DATA_FSDP),
     "activation_batch": (_DATA, _DATA_FSDP, _DATA_FSDP),

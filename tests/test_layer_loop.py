@@ -65,7 +65,7 @@ def test_layer_loop_values_and_grads_match_float64_numpy(n):
     graphdef, params = nnx.split(loop)
 
     def loss(params, x, w):
-        out, stats = nnx.merge(graphdef, params).run(lambda h, s: h + s * jnp.tanh(h @ w), x)
+        out, stats, _ = nnx.merge(graphdef, params).run(lambda h, s: (h + s * jnp.tanh(h @ w), None), x)
         return jnp.sum(out * c_out) + jnp.sum(stats.expected_n_BS * c_en), (out, stats)
 
     (_, (out, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
@@ -313,9 +313,9 @@ def test_early_halting_token_keeps_its_state_frozen_and_others_see_it():
     w = rng.normal(0, 0.5, (d, d))
 
     def step(h, s):
-        return h + s * jnp.tanh((h + h.mean(axis=1, keepdims=True)) @ jnp.asarray(w, jnp.float32))
+        return h + s * jnp.tanh((h + h.mean(axis=1, keepdims=True)) @ jnp.asarray(w, jnp.float32)), None
 
-    out, stats = loop.run_adaptive(step, jnp.asarray(x, jnp.float32), threshold)
+    out, stats, _ = loop.run_adaptive(step, jnp.asarray(x, jnp.float32), threshold)
     p64 = [np.asarray(loop.scale_logits[...], np.float64), 8.0 * u, -2.0, 0.0]
     want_out, want_en, want_exit, want_runs = _np_adaptive(p64, x, w, threshold)
     np.testing.assert_array_equal(stats.exit_iteration_BS, want_exit)
@@ -325,7 +325,7 @@ def test_early_halting_token_keeps_its_state_frozen_and_others_see_it():
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats.expected_n_BS, want_en, rtol=1e-5)
     # a token that stopped after iteration 1 reads out h_1 exactly (its remainder on its last computed state)
-    h1 = np.asarray(step(jnp.asarray(x, jnp.float32), loop.scales()[0]))
+    h1 = np.asarray(step(jnp.asarray(x, jnp.float32), loop.scales()[0])[0])
     np.testing.assert_allclose(np.asarray(out)[early], h1[early], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(stats.expected_n_BS)[early], 1.0)
 

@@ -114,7 +114,8 @@ def _record(graphdef, state, tokens_BS, positions_BS, attention_mask_BS, *, n_lo
         core = nnx.merge(core_graph, core_state)
         x = core.inject(h_BSD, e)
         xs, ps = [], []
-        for layer in core.layers:
+        for l, layer in enumerate(core.layers):
+            x = core.read_memory(l, x)
             q, k, v = layer.attn.project(layer.norm_in(x), cos, sin)
             x = layer.mlp_residual(layer.attn_residual(x, layer.attn.attend(q, k, v, mask)))
             xs.append(x)

@@ -2,8 +2,9 @@
 
 Both are pure functions of a merged ``LoopedLM`` (called inside ``jax.jit``) built from the model's own pieces:
 ``Attention.project`` / ``attend``, ``DecoderLayer.attn_residual`` / ``mlp_residual``, ``LoopedCore.inject`` /
-``norm`` / ``gate``, ``LoopedLM.embed_tokens`` / ``head``, so cached decoding computes what ``LoopedLM.__call__``
-computes. Shapes: B batch, S prompt length, C cache length, D d_model, V vocab, T loop steps.
+``read_memory`` / ``norm`` / ``gate``, ``LoopedLM.embed_tokens`` / ``head``, so cached decoding computes what
+``LoopedLM.__call__`` computes (the memory read is per token: it needs no cache). Shapes: B batch, S prompt
+length, C cache length, D d_model, V vocab, T loop steps.
 
 Per-layer loops (``cfg.layer_loops`` N > 1): every token runs all N iterations of every core layer, in prefill and
 in decoding (no per-layer early exit while decoding), each iteration's keys and values in a cache slot of its own
@@ -79,12 +80,12 @@ def _core_layer(core, l: int, x_BSD: jax.Array, iteration) -> jax.Array:
     layer's output is their expectation (``LayerLoop``), as ``LoopedCore.core_layer`` computes."""
     layer = core.layers[l]
     if core.layer_loops is None:
-        return iteration(l, layer, core.inject_memory(x_BSD), None)
+        return iteration(l, layer, core.read_memory(l, x_BSD), None)
     loop = core.layer_loops[l]
     n, scales = loop.n_iterations, loop.scales()
     sums, h = loop.start(x_BSD), x_BSD
     for i in range(n):
-        h = iteration(l * n + i, layer, core.inject_memory(h), scales[i])
+        h = iteration(l * n + i, layer, core.read_memory(l, h), scales[i])
         sums = loop.accumulate(sums, h, i)
     return loop.finish(sums, x_BSD.dtype)[0]
 

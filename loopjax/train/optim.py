@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
 
 from loopjax.config import TrainConfig
 
@@ -27,9 +28,18 @@ def make_schedule(tcfg: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [warm])
 
 
+def decays(param: nnx.Variable) -> bool:
+    """The rule of ``decay_mask`` for one parameter: its ``weight_decay`` metadata when it has one, else
+    whether it is a matrix (2+ dimensions)."""
+    return bool(param.get_metadata().get("weight_decay", param.ndim >= 2))
+
+
 def decay_mask(params):
-    """Weight decay on matrices only (not norm scales, the gate vector or its bias)."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    """Which parameters AdamW decays (``decays``): matrices, except those created with
+    ``nnx.Param(..., weight_decay=False)``. So no decay on norm scales, the exit-gate vector and bias, the
+    memory banks' keys and values, the memory gates' biases (``loopjax.memory``); a new parameter opts out by
+    that tag (vectors and scalars, e.g. per-iteration residual scales, are already out)."""
+    return jax.tree.map(lambda v: v.replace(decays(v)), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(tcfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:

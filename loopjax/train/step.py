@@ -97,6 +97,7 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
         metrics["z_loss"] = z
     metrics.update(loss=loss, ce_final=ce_final)
     metrics.update(_exit_metrics(out, mask))
+    metrics.update(memory_metrics(model.cfg, out))
     return _add_ponder(model, out, hcfg, mask, total, metrics)
 
 
@@ -126,6 +127,17 @@ def _exit_metrics(out, mask: jax.Array | None) -> Metrics:
     return dict(exit_entropy=masked_mean(entropy, mask), exit_depth=masked_mean(depth, mask))
 
 
+def memory_metrics(cfg, out) -> Metrics:
+    """Mean memory gate value per core layer and bank, averaged over loops and tokens:
+    ``gate_local_layer{l}`` / ``gate_global_layer{l}`` (0-based l) for the banks the config has."""
+    if out.memory_gates is None:
+        return {}
+    per_layer_K2 = out.memory_gates.mean(axis=0)
+    banks = [(i, name) for i, (name, slots) in
+             enumerate((("local", cfg.memory_local_slots), ("global", cfg.memory_global_slots))) if slots > 0]
+    return {f"gate_{name}_layer{l}": per_layer_K2[l, i] for l in range(per_layer_K2.shape[0]) for i, name in banks}
+
+
 def _fused_objective_loss(model, out, batch: Batch, hcfg: HaltingConfig, z_loss: float,
                           prepare_fn: Callable | None) -> tuple[jax.Array, Metrics]:
     """``objective_loss`` for "ouro" / "pondernet" with ``chunked``: every loop's CE and its gradient in one
@@ -142,7 +154,8 @@ def _fused_objective_loss(model, out, batch: Batch, hcfg: HaltingConfig, z_loss:
         dw_fn=lambda x: with_logical_constraint(x, ("embed", "vocab")))
     total = ce_part + regulariser
     loss = jnp.sum(jax.lax.stop_gradient(weight_TBS) * ce_TBS) + regulariser
-    metrics: Metrics = dict(loss=loss, ce_final=masked_mean(ce_TBS[-1], mask), **_exit_metrics(out, mask))
+    metrics: Metrics = dict(loss=loss, ce_final=masked_mean(ce_TBS[-1], mask), **_exit_metrics(out, mask),
+                            **memory_metrics(model.cfg, out))
     if z_loss > 0:
         metrics["z_loss"] = masked_mean(jnp.square(lse_TBS[-1]), mask)
     return total, metrics
