@@ -492,3 +492,15 @@ def test_sharded_loss_and_grads_equal_single_device():
         g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
         # sharded reductions only reorder float32 sums (scalar router weights sum over every token: a small floor)
         assert np.linalg.norm(g - r) <= 1e-5 * np.linalg.norm(r) + 1e-7
+
+
+def test_block_loop_exit_rules_drive_cores_with_layer_loops():
+    """The block loop's executors (``_halting_call``) run the per-layer loops inside each core step."""
+    model, tokens = _model(), _tokens()
+    plain = model(tokens)
+    for kw in (dict(exit_rule=lj.FixedExit(2)), dict(exit_rule=lj.FixedExit(2), run_all_loops=True)):
+        out = model(tokens, **kw)
+        np.testing.assert_allclose(out.logits, plain.logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out.exit_step, 2)
+    frozen = model(tokens, exit_rule=lj.FixedExit(2), layer_exit_threshold=1.0)
+    np.testing.assert_allclose(frozen.logits, plain.logits, rtol=1e-5, atol=1e-5)
