@@ -504,3 +504,12 @@ def test_block_loop_exit_rules_drive_cores_with_layer_loops():
         np.testing.assert_array_equal(out.exit_step, 2)
     frozen = model(tokens, exit_rule=lj.FixedExit(2), layer_exit_threshold=1.0)
     np.testing.assert_allclose(frozen.logits, plain.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_ouro_export_refuses_layer_loops():
+    from loopjax.convert.ouro import hf_ouro_config
+
+    ouro_like = _cfg(norm_scheme="sandwich", step_norm=True)
+    assert hf_ouro_config(ouro_like.replace(layer_loops=1))["num_hidden_layers"] == 2
+    with pytest.raises(ValueError, match="layer_loops"):
+        hf_ouro_config(ouro_like)
