@@ -363,8 +363,9 @@ def test_train_objective_adds_ponder_and_logs_expected_n_per_layer():
         hcfg = lj.HaltingConfig(objective="ouro", ponder_weight=weight)
         return objective_loss(nnx.merge(graphdef, params), batch, hcfg, 0.0, None)
 
-    (t0, m0), g0 = jax.value_and_grad(total, has_aux=True)(params, 0.0)
-    (t1, m1), g1 = jax.value_and_grad(total, has_aux=True)(params, 0.5)
+    grad_fn = jax.jit(jax.value_and_grad(total, has_aux=True), static_argnums=1)
+    (t0, m0), g0 = grad_fn(params, 0.0)
+    (t1, m1), g1 = grad_fn(params, 0.5)
     en = model(batch["inputs"]).layer_expected_n
     ponder = (float(en.mean()) - 1) / 2
     np.testing.assert_allclose(m1["layer_ponder"], ponder, rtol=1e-5)
@@ -373,8 +374,8 @@ def test_train_objective_adds_ponder_and_logs_expected_n_per_layer():
     for l in range(2):
         np.testing.assert_allclose(m0[f"layer{l}_expected_n"], en[..., l].mean(), rtol=1e-5)
     # the ponder term trains the routers and scales, and nothing it cannot reach
-    (_, _), gp = jax.value_and_grad(lambda p: (0.5 * (nnx.merge(graphdef, p)(batch["inputs"]).layer_expected_n.mean()
-                                                      - 1) / 2, None), has_aux=True)(params)
+    gp = jax.jit(jax.grad(lambda p: 0.5 * (nnx.merge(graphdef, p)(batch["inputs"]).layer_expected_n.mean() - 1) / 2))(
+        params)
     jax.tree.map(lambda a, b, c: np.testing.assert_allclose(a - b, c, rtol=1e-3, atol=1e-6), g1, g0, gp)
     assert np.abs(np.asarray(gp["core"]["layer_loops"][0]["router_b"][...])) > 0
 
@@ -492,3 +493,24 @@ def test_sharded_loss_and_grads_equal_single_device():
         g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
         # sharded reductions only reorder float32 sums (scalar router weights sum over every token: a small floor)
         assert np.linalg.norm(g - r) <= 1e-5 * np.linalg.norm(r) + 1e-7
+
+
+def test_block_loop_exit_rules_drive_cores_with_layer_loops():
+    """The block loop's executors (``_halting_call``) run the per-layer loops inside each core step."""
+    model, tokens = _model(), _tokens()
+    plain = model(tokens)
+    for kw in (dict(exit_rule=lj.FixedExit(2)), dict(exit_rule=lj.FixedExit(2), run_all_loops=True)):
+        out = model(tokens, **kw)
+        np.testing.assert_allclose(out.logits, plain.logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out.exit_step, 2)
+    frozen = model(tokens, exit_rule=lj.FixedExit(2), layer_exit_threshold=1.0)
+    np.testing.assert_allclose(frozen.logits, plain.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_ouro_export_refuses_layer_loops():
+    from loopjax.convert.ouro import hf_ouro_config
+
+    ouro_like = _cfg(norm_scheme="sandwich", step_norm=True)
+    assert hf_ouro_config(ouro_like.replace(layer_loops=1))["num_hidden_layers"] == 2
+    with pytest.raises(ValueError, match="layer_loops"):
+        hf_ouro_config(ouro_like)
