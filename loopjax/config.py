@@ -436,7 +436,8 @@ class TrainConfig:
       learning_rate: peak LR. schedule: "cosine" (linear warmup, cosine decay to min_lr_ratio·peak at ``steps``),
         "wsd" (warmup, stable, then linear decay to min_lr_ratio·peak over the last decay_fraction of steps),
         "constant" (warmup, then flat). warmup_steps: linear ramp from 0.
-      b1, b2, eps, weight_decay: AdamW (decoupled decay, applied to matrices only, not norms / gate bias).
+      b1, b2, eps, weight_decay: AdamW (decoupled decay, applied to matrices only, not norms / gate bias, and not
+        to parameters tagged ``weight_decay=False``: memory banks, memory gate biases; ``train.optim.decay_mask``).
       grad_clip: global-norm clipping threshold (0 = off). grad_accum: micro-batches per update (batch_size must
         divide); micro-batch gradients are weighted by their token counts, so the update equals the full batch's.
       z_loss: weight of mean(logsumexp(final logits)²) (0 = off). seed: model init and loop-count sampling.
