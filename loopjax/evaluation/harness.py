@@ -35,6 +35,15 @@ from loopjax.sharding import make_mesh, rules_for, use_rules
 from loopjax.config import MeshConfig
 
 
+def _host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (gathered from the other processes when it spans them)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 @register_model("loopjax")
 class LoopjaxLM(TemplateLM):
     """A loopjax model as an lm-eval ``TemplateLM``.
@@ -266,8 +275,7 @@ class LoopjaxLM(TemplateLM):
                         res = generate(model, prompt, max_gen, attention_mask=mask, exit_rule=rule, kv_mode=kv_mode,
                                        sampling=sampling, stop_tokens=[self.eot_token_id], n_loops=n_loops,
                                        seed=self.seed + b, cache_len=None)
-                    toks, exits, lengths = (np.asarray(jax.device_get(x)) for x in (res.tokens, res.exit_steps,
-                                                                                    res.lengths))
+                    toks, exits, lengths = (_host(x) for x in (res.tokens, res.exit_steps, res.lengths))
                     for r, i in enumerate(chunk):
                         n = int(lengths[r])
                         ids = [int(t) for t in toks[r, :n]]
