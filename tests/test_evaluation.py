@@ -137,6 +137,21 @@ def test_bucketing_and_dummy_rows_change_nothing_and_compiles_stay_per_bucket(mo
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
+def test_all_depths_program_never_holds_logits_of_every_loop(lm):
+    from loopjax.evaluation.scoring import TokenRequest, pack
+    from loopjax.sharding import use_rules
+
+    sc = lm.scorer
+    rows = sc.rows(lm.batch_size)
+    batch = sc._device_batch(pack([TokenRequest(tuple(range(1, 15)), 3)], 16, rows))
+    with use_rules(sc.mesh, sc.rules):
+        hlo = sc._all.lower(sc.state, batch).compile().as_text()
+    import re
+
+    assert re.search(rf"f32\[\d+,16,{CFG.vocab_size}\]", hlo)  # one loop's logits at a time
+    assert not re.search(rf"\[\d+,\d+,16,{CFG.vocab_size}\]", hlo)  # never [T, B, S, V]
+
+
 def test_rolling_loglikelihood_of_a_fitting_document_is_one_pass(lm, model):
     text = "looped models think deeper"
     ids = lm.tokenizer.encode(text)
@@ -180,6 +195,14 @@ def test_bad_inputs_raise_clear_errors(model, tmp_path):
         load_eval_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="max_length=65"):
         LoopjaxLM(model, tok, max_length=65)
+
+
+def test_cli_without_lm_eval_says_how_to_install(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    assert cli.main(["lm-eval", "anything", "--tasks", "x"]) == 2
+    assert "pip install 'loopjax[eval]'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -27,12 +27,12 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from loopjax import halting
+from loopjax.config import MeshConfig
 from loopjax.evaluation import depths as dp
 from loopjax.evaluation.scoring import Scorer, length_buckets, truncate
 from loopjax.evaluation.tokenizer import EvalTokenizer
 from loopjax.generate import Sampling, generate
 from loopjax.sharding import make_mesh, rules_for, use_rules
-from loopjax.config import MeshConfig
 
 
 def _host(x: jax.Array) -> np.ndarray:
