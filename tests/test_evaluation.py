@@ -137,6 +137,21 @@ def test_bucketing_and_dummy_rows_change_nothing_and_compiles_stay_per_bucket(mo
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
+def test_all_depths_program_never_holds_logits_of_every_loop(lm):
+    from loopjax.evaluation.scoring import TokenRequest, pack
+    from loopjax.sharding import use_rules
+
+    sc = lm.scorer
+    rows = sc.rows(lm.batch_size)
+    batch = sc._device_batch(pack([TokenRequest(tuple(range(1, 15)), 3)], 16, rows))
+    with use_rules(sc.mesh, sc.rules):
+        hlo = sc._all.lower(sc.state, batch).compile().as_text()
+    import re
+
+    assert re.search(rf"f32\[\d+,16,{CFG.vocab_size}\]", hlo)  # one loop's logits at a time
+    assert not re.search(rf"\[\d+,\d+,16,{CFG.vocab_size}\]", hlo)  # never [T, B, S, V]
+
+
 def test_rolling_loglikelihood_of_a_fitting_document_is_one_pass(lm, model):
     text = "looped models think deeper"
     ids = lm.tokenizer.encode(text)
@@ -180,6 +195,14 @@ def test_bad_inputs_raise_clear_errors(model, tmp_path):
         load_eval_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="max_length=65"):
         LoopjaxLM(model, tok, max_length=65)
+
+
+def test_cli_without_lm_eval_says_how_to_install(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    assert cli.main(["lm-eval", "anything", "--tasks", "x"]) == 2
+    assert "pip install 'loopjax[eval]'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -318,3 +341,59 @@ def test_cli_bad_inputs(trained_run, tmp_path, capsys):
     assert cli.main(["lm-eval", str(run), "--include-path", str(hub), "--tasks", "hubtask", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "task 'hubtask'" in err and "HF_DATASETS_OFFLINE=0" in err
+
+
+# ------------------------------------------------------------------------------------------------ multi-host
+
+def _launch(n_devices: int, argv: list[str], env_extra: dict, cache: str):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+               HF_DATASETS_CACHE=cache, PYTHONPATH=os.getcwd(), **env_extra)
+    return subprocess.Popen([sys.executable, "-m", "loopjax.cli", "lm-eval", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_give_the_numbers_of_one_and_write_once(tmp_path):
+    from tests.test_multihost import free_port
+
+    ouro = tmp_path / "ouro"
+    lj.save_ouro(lj.LoopedLM(CFG.replace(norm_scheme="sandwich", step_norm=True), rngs=nnx.Rngs(5)), str(ouro))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_tasks(tasks, n_docs=6)
+    port = free_port()
+
+    def argv(out):
+        return [str(ouro), "--tasks", "upper_mc,upper_gen", "--include-path", str(tasks), "--tokenizer", "bytes",
+                "--depths", "1,3,adaptive,adaptive-frozen", "--batch-size", "4", "--max-length", "32",
+                "--out", str(out), "--no-progress"]
+
+    procs = [_launch(2, argv(tmp_path / "multi"), {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
+                     str(tmp_path / f"cache{i}")) for i in range(2)]
+    procs.append(_launch(4, argv(tmp_path / "single"), {}, str(tmp_path / "cache_single")))
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    summary = [[json.loads(line) for line in o.splitlines() if line.startswith('{"tasks"')] for o in outs]
+    assert "### upper_mc" not in outs[1] and summary[1] == []  # process 1 prints and writes nothing (gloo may log)
+    multi, single = summary[0][-1], summary[2][-1]
+    for task in ("upper_mc", "upper_gen"):
+        for a, b in zip(multi["tasks"][task], single["tasks"][task]):
+            assert a["depth"] == b["depth"]
+            for k in ("acc,none", "exact_match,none", "mean_exit_depth", "flops_per_token"):
+                if k in b:
+                    np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
+    assert json.loads((tmp_path / "multi" / "results.json").read_text())["tasks"] == multi["tasks"]

@@ -27,12 +27,21 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from loopjax import halting
+from loopjax.config import MeshConfig
 from loopjax.evaluation import depths as dp
 from loopjax.evaluation.scoring import Scorer, length_buckets, truncate
 from loopjax.evaluation.tokenizer import EvalTokenizer
 from loopjax.generate import Sampling, generate
 from loopjax.sharding import make_mesh, rules_for, use_rules
-from loopjax.config import MeshConfig
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (gathered from the other processes when it spans them)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @register_model("loopjax")
@@ -266,8 +275,7 @@ class LoopjaxLM(TemplateLM):
                         res = generate(model, prompt, max_gen, attention_mask=mask, exit_rule=rule, kv_mode=kv_mode,
                                        sampling=sampling, stop_tokens=[self.eot_token_id], n_loops=n_loops,
                                        seed=self.seed + b, cache_len=None)
-                    toks, exits, lengths = (np.asarray(jax.device_get(x)) for x in (res.tokens, res.exit_steps,
-                                                                                    res.lengths))
+                    toks, exits, lengths = (_host(x) for x in (res.tokens, res.exit_steps, res.lengths))
                     for r, i in enumerate(chunk):
                         n = int(lengths[r])
                         ids = [int(t) for t in toks[r, :n]]

@@ -98,8 +98,8 @@ def evaluate_depths(lm, tasks: Sequence[str], tm, *, limit=None, num_fewshot=Non
         per_depth[d] = res
         for task, metrics in res["results"].items():
             stats = lm.depth_stats(d, task)
-            row = {"depth": d, "kind": KIND.get(d, f"{d} loops"), **{k: v for k, v in metrics.items()
-                                                                      if k != "alias"},
+            kind = KIND.get(d, f"{d} loop{'s' if d != 1 else ''}")
+            row = {"depth": d, "kind": kind, **{k: v for k, v in metrics.items() if k != "alias"},
                    "mean_exit_depth": stats["mean_exit_depth"], "flops_per_token": stats["flops_per_token"]}
             key = primary_metric(metrics)
             fpt = stats["flops_per_token"]

@@ -15,7 +15,6 @@ once to the continuation's log-prob and greedy flag ([T, B, S] floats). The mode
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from loopjax.sharding import batch_sharding, param_shardings, process_batch_rows, shard_batch, use_rules
+from loopjax.sharding import param_shardings, process_batch_rows, shard_batch, use_rules
 
 MIN_BUCKET = 16
 
@@ -124,7 +123,7 @@ def place_state(model, mesh, rules) -> tuple[Any, Any]:
 class Scorer:
     """Jitted scoring programs of one model on one mesh; ``compiles`` counts traces per program.
 
-    depths_loops: T, the loops the all-depths pass runs (read out after each of loops 1..T).
+    loops: T, the loops the all-depths pass runs (read out after each of loops 1..T).
     exit_rule / rule_loops: the adaptive rule and the loop count it is defined over (the model's L); its
       read-out under ``run_all_loops`` semantics is ``min(exit step over T loops, L)``, the same as over L loops.
     """
