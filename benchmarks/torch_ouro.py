@@ -17,6 +17,19 @@ import types
 _PKG = "_loopjax_torch_ouro_ref"
 
 
+def if_available(ref_dir: str | None):
+    """(this module, None) where ``ref_dir`` is given and torch / transformers import, else (None, why not)."""
+    if ref_dir is None:
+        return None, "no --torch-ref"
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return None, f"torch / transformers not importable ({e})"
+    load(ref_dir)
+    return sys.modules[__name__], None
+
+
 def load(ref_dir: str) -> types.ModuleType:
     """``modeling_ouro`` imported from ``ref_dir`` as a package module (its relative config import resolved)."""
     path = os.path.join(ref_dir, "modeling_ouro.py")

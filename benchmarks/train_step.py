@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 
 import loopjax as lj
+from benchmarks import torch_ouro
 from loopjax import halting
 
 CONFIGS = {
@@ -197,21 +198,6 @@ def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | No
     return row
 
 
-def _load_torch(ref: str | None):
-    """benchmarks.torch_ouro where ``ref`` is given and torch / transformers import, else None (and why)."""
-    if ref is None:
-        return None, "no --torch-ref"
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        return None, f"torch / transformers not importable ({e})"
-    from benchmarks import torch_ouro
-
-    torch_ouro.load(ref)
-    return torch_ouro, None
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["small", "medium"], choices=sorted(CONFIGS))
@@ -231,7 +217,7 @@ def main(argv=None):
     backend = jax.default_backend()
     on_accel = backend in ("gpu", "tpu")
     compute_dtype = "bfloat16" if on_accel else "float32"
-    torch_mod, torch_why = _load_torch(args.torch_ref)
+    torch_mod, torch_why = torch_ouro.if_available(args.torch_ref)
     if torch_mod is not None and on_accel:
         torch_mod, torch_why = None, f"backend {backend}: the PyTorch reference runs on the CPU only"
     peaks = matmul_peaks(jnp.dtype(compute_dtype), args.matmul_n or ([8192] if on_accel else [1024, 2048]),
