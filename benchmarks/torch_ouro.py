@@ -63,7 +63,8 @@ def _config_class():
             self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
             self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
             self.num_key_value_heads, self.hidden_act = num_key_value_heads, hidden_act
-            self.max_position_embeddings, self.rms_norm_eps, self.rope_theta = max_position_embeddings, rms_norm_eps, rope_theta
+            self.max_position_embeddings, self.rms_norm_eps = max_position_embeddings, rms_norm_eps
+            self.rope_theta = rope_theta
             self.rope_scaling, self.attention_dropout, self.use_cache = rope_scaling, attention_dropout, use_cache
             self.sliding_window, self.total_ut_steps = sliding_window, total_ut_steps
             self.layer_types = layer_types or ["full_attention"] * num_hidden_layers

@@ -101,7 +101,8 @@ def jax_matmul_rate(dtype, m: int, k: int, n: int, repeats: int, trans_a: bool =
     lead = (batch,) if batch > 1 else ()
     a = jax.random.normal(jax.random.key(1), lead + ((k, m) if trans_a else (m, k)), dtype)
     b = jax.random.normal(jax.random.key(2), lead + ((n, k) if trans_b else (k, n)), dtype)
-    f = jax.jit(lambda x, y: (jnp.swapaxes(x, -1, -2) if trans_a else x) @ (jnp.swapaxes(y, -1, -2) if trans_b else y))
+    f = jax.jit(lambda x, y: (jnp.swapaxes(x, -1, -2) if trans_a else x)
+                @ (jnp.swapaxes(y, -1, -2) if trans_b else y))
     return 2 * batch * m * k * n / _best_seconds(lambda: jax.block_until_ready(f(a, b)), repeats)
 
 
@@ -128,7 +129,8 @@ def step_gemms(cfg: lj.LoopedConfig, b: int, s: int) -> list[tuple[str, int, int
     """
     d, h, f, v = cfg.d_model, cfg.d_head, cfg.d_ff, cfg.vocab_size
     per_loop = cfg.n_layers * N_LOOPS
-    weights = [("q", d, cfg.n_heads * h, per_loop), ("k, v", d, cfg.kv_heads * h, 2 * per_loop), ("o", cfg.n_heads * h, d, per_loop), ("mlp_in", d, f, 2 * per_loop),
+    weights = [("q", d, cfg.n_heads * h, per_loop), ("k, v", d, cfg.kv_heads * h, 2 * per_loop),
+               ("o", cfg.n_heads * h, d, per_loop), ("mlp_in", d, f, 2 * per_loop),
                ("mlp_out", f, d, per_loop), ("head", d, v, N_LOOPS)]
     out = []
     for name, k, n, count in weights:
