@@ -1,7 +1,7 @@
 """Decode throughput of ``lj.generate``: tokens/s and loop iterations per token, per KV mode and exit rule.
 
     python -m benchmarks.decode [--configs small medium] [--batches 1 16] [--qs 0.5 0.7 0.85] [--repeats 3]
-                                [--modes per_step last_step compute_all] [--vs-rev GIT_REV]
+                                [--modes per_step last_step compute_all] [--vs-rev GIT_REV] [--torch-ref DIR]
                                 [--out benchmarks/results/decode.json]
 
 For each config (the training benchmark's ``small`` / ``medium``, float32), batch size, exit rule (fixed L, then
@@ -16,6 +16,12 @@ same model and layers), interleaved call by call with the current code, and repo
 side-by-side ratio that machine load affects alike. Each row also gives the *weight floor*: the time per token of
 a jitted loop that does only the decode's weight matmuls (every loop's projections and MLP, and the head) for B
 rows, no attention, no cache, no sampling: what streaming the weights and multiplying costs on this machine.
+
+``--torch-ref DIR`` (DIR holds the published Ouro ``modeling_ouro.py``, fetched by the user; see
+``benchmarks/torch_ouro.py``; needs torch and transformers): the PyTorch model of the same sizes decodes the same
+prompt with its own ``generate`` (greedy, its layer-by-loop KV cache, all loops every token), its calls interleaved
+with loopjax's, and the fixed-L rows give its decode tokens/s and the ratio. Without it those columns read "not
+measured": no number from another machine. Every row records the load average it was timed under.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 import loopjax as lj
+from benchmarks import torch_ouro
 from loopjax.generate import init_cache
 
 CONFIGS = {
@@ -113,10 +120,27 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
+def torch_generate_fn(torch_mod, ref: str, name: str, seq: int):
+    """run(prompt [B, P] int32 numpy, n) -> None: greedy ``generate`` of the published PyTorch Ouro model (same
+    sizes, float32, random init), n new tokens exactly, KV cache on."""
+    import torch
+
+    sizes = {k: v for k, v in CONFIGS[name].items() if k != "n_loops"}
+    model = torch_mod.build(ref, sizes, CONFIGS[name]["n_loops"], seq).eval()
+
+    def run(prompt, n):
+        with torch.no_grad():
+            model.generate(torch.from_numpy(np.asarray(prompt, np.int64)), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, use_cache=True)
+
+    return run
+
+
 def bench_config(name: str, batches, qs, repeats: int, prompt_len: int, new_tokens: int, modes=MODES,
-                 baseline=None) -> list[dict]:
+                 baseline=None, torch_mod=None, torch_ref: str | None = None) -> list[dict]:
     cfg = lj.LoopedConfig(**CONFIGS[name], max_seq_len=prompt_len + new_tokens)
     model = lj.LoopedLM(cfg, rngs=nnx.Rngs(0))
+    torch_run = None if torch_mod is None else torch_generate_fn(torch_mod, torch_ref, name, prompt_len + new_tokens)
     impls = {"new": lj.generate} if baseline is None else {"new": lj.generate, "base": baseline}
     rows = []
     for b in batches:
@@ -131,11 +155,19 @@ def bench_config(name: str, batches, qs, repeats: int, prompt_len: int, new_toke
                     out = run(new_tokens)  # compile + warm
                     run(1)
                     calls[mode, impl] = (run, out)
-            times = {key: {"full": [], "prefill": []} for key in calls}
+            with_torch = torch_run is not None and rule is None  # its generate runs all loops: fixed L only
+            if with_torch:
+                torch_run(prompt, new_tokens)  # warm
+            times = {key: {"full": [], "prefill": []} for key in list(calls) + [("torch", "torch")] * with_torch}
+            loads = []
             for _ in range(repeats):  # interleave modes and implementations
+                loads.append(os.getloadavg()[0])
                 for key, (run, _) in calls.items():
                     times[key]["full"] += timed(lambda: run(new_tokens).tokens, 1)
                     times[key]["prefill"] += timed(lambda: run(1).tokens, 1)
+                if with_torch:
+                    times["torch", "torch"]["full"] += timed(lambda: torch_run(prompt, new_tokens), 1)
+                    times["torch", "torch"]["prefill"] += timed(lambda: torch_run(prompt, 1), 1)
 
             def step_s(key):
                 t_full, t_pre = statistics.median(times[key]["full"]), statistics.median(times[key]["prefill"])
@@ -153,7 +185,10 @@ def bench_config(name: str, batches, qs, repeats: int, prompt_len: int, new_toke
                            mean_exit=float(np.asarray(out.exit_steps)[:, 1:].mean()),
                            prefill_tok_s=b * prompt_len / t_pre,
                            cache_MB=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2 ** 20,
-                           weight_floor_ms=floor_ms)
+                           weight_floor_ms=floor_ms, load_avg=loads)
+                if with_torch:
+                    torch_s, _ = step_s(("torch", "torch"))
+                    row.update(torch_decode_tok_s=b / torch_s, vs_torch=torch_s / decode_s)
                 if baseline is not None:
                     base_s, _ = step_s((m, "base"))
                     base_out = calls[m, "base"][1]
@@ -165,13 +200,18 @@ def bench_config(name: str, batches, qs, repeats: int, prompt_len: int, new_toke
 
 
 HEADER = (f"{'config':7} {'B':>3} {'rule':12} {'kv_mode':12} {'decode tok/s':>12} {'ms/step':>8} {'iters/tok':>9} "
-          f"{'mean exit':>9} {'prefill tok/s':>13} {'cache MB':>8} {'floor ms':>8}")
+          f"{'mean exit':>9} {'prefill tok/s':>13} {'cache MB':>8} {'floor ms':>8} {'load':>5} {'PyTorch tok/s':>13} "
+          f"{'vs PyTorch':>12}")
 
 
 def _fmt(r: dict) -> str:
     line = (f"{r['config']:7} {r['batch']:>3} {r['rule']:12} {r['kv_mode']:12} {r['decode_tok_s']:12.1f} "
             f"{r['ms_per_step']:8.2f} {r['loop_iters_per_token']:9.2f} {r['mean_exit']:9.2f} "
-            f"{r['prefill_tok_s']:13.0f} {r['cache_MB']:8.2f} {r['weight_floor_ms']:8.2f}")
+            f"{r['prefill_tok_s']:13.0f} {r['cache_MB']:8.2f} {r['weight_floor_ms']:8.2f} {max(r['load_avg']):5.1f} ")
+    if "torch_decode_tok_s" in r:
+        line += f"{r['torch_decode_tok_s']:13.1f} {r['vs_torch']:11.2f}x"
+    else:
+        line += f"{'-' if r['rule'] != 'fixed L' else 'not measured':>13} {'-':>12}"
     if "speedup" in r:
         line += f" {r['base_ms_per_step']:9.2f} {r['speedup']:7.2f}x {'same' if r['same_tokens'] else 'DIFF'}"
     return line
@@ -187,9 +227,14 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--vs-rev", default=None, help="also time loopjax/generate at this git revision, interleaved")
+    ap.add_argument("--torch-ref", default=None, metavar="DIR",
+                    help="folder with the published Ouro modeling_ouro.py: time its generate side by side")
     ap.add_argument("--out", default="benchmarks/results/decode.json")
     args = ap.parse_args(argv)
     baseline = None if args.vs_rev is None else baseline_generate(args.vs_rev)
+    torch_mod, torch_why = torch_ouro.if_available(args.torch_ref)
+    if torch_why:
+        print(f"PyTorch Ouro: not measured ({torch_why})")
 
     rates = machine_rates()
     print(f"device: {jax.devices()[0].device_kind}, copy {rates['copy_GBps']:.1f} GB/s, "
@@ -198,11 +243,12 @@ def main(argv=None):
     rows = []
     for name in args.configs:
         rows += bench_config(name, args.batches, args.qs, args.repeats, args.prompt_len, args.new_tokens,
-                             args.modes, baseline)
+                             args.modes, baseline, torch_mod, args.torch_ref)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(args=vars(args), machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                                                     backend=jax.default_backend(), **rates), rows=rows), f, indent=1)
+                                                     backend=jax.default_backend(), **rates),
+                       torch=torch_why or "measured", rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Train-step throughput: tokens/s and model FLOP utilisation against a matmul peak measured in the same run.
 
-    python -m benchmarks.train_step [--configs small medium] [--steps 5] [--remat none] [--out benchmarks/results/train_step.json]
+    python -m benchmarks.train_step [--configs small medium] [--steps 5] [--remat none] [--torch-ref DIR]
+                                    [--gemms] [--out benchmarks/results/train_step.json]
 
 Ouro-style models (sandwich norm, step norm, exit gate, untied head) trained with AdamW on Ouro's expected loss
 Σ_t p_t·CE_t − β·H(p) over every loop's logits, so the LM head runs at every loop. One jitted step with donated
@@ -8,8 +9,18 @@ state. ``small`` = vocab 4096, d_model 256, 4 layers, 8 heads / 8 KV heads, d_ff
 ``medium`` = vocab 8192, d_model 512, 8 layers, 8 heads, d_ff 1408, 4 loops, batch 4 x 256.
 
 Model FLOPs are ``lj.train_flops(cfg, S, L, readouts=L)`` (matmuls only, 3x forward; remat recomputation is not
-counted). The peak is the best FLOP/s of a square matmul in the compute dtype on the same device, measured just
-before. float32 on CPU; on a GPU the same script computes in bfloat16 (parameters and AdamW state float32).
+counted). The peak is the best FLOP/s of square matmuls (1024³ and 2048³ on CPU) in the compute dtype on the same
+device, measured just before. float32 on CPU; on a GPU the same script computes in bfloat16 (parameters and AdamW
+state float32).
+
+``--torch-ref DIR``: DIR holds the published Ouro modelling code (``modeling_ouro.py``, fetched by the user; see
+``benchmarks/torch_ouro.py``). With torch installed, the PyTorch model of the same sizes is trained on the same
+objective (per-loop logits, stick-breaking exit distribution, the last position masked) in the same run, its steps
+alternating with loopjax's so both see the same machine load, and the table gives both tokens/s and the ratio;
+torch's own matmul peak on the same shapes is measured next to XLA's. Without it the PyTorch column reads "not
+measured". ``--gemms`` also times every matmul shape of the step (forward, input and weight gradients) in both
+frameworks: the step's time at each framework's GEMM rate, to split a gap into GEMM rate and everything else.
+The load average is recorded with every timed figure (a shared machine moves them all).
 """
 
 from __future__ import annotations
@@ -23,24 +34,26 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 import loopjax as lj
+from benchmarks import torch_ouro
 from loopjax import halting
 
 CONFIGS = {
     "small": (dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=1024), 8, 256),
     "medium": (dict(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408), 4, 256),
 }
-# Published PyTorch Ouro implementation on this machine class (2 cores, fp32), from the issue.
-ANCHOR_TOKENS_PER_S = {"small": 590.0, "medium": 125.0}
+N_LOOPS = 4
 ENTROPY_BETA = 0.05
+NOT_MEASURED = "not measured"
 
 
 def model_config(name: str, compute_dtype: str, remat: str, seq: int) -> lj.LoopedConfig:
     sizes, _, _ = CONFIGS[name]
-    return lj.LoopedConfig(**sizes, n_loops=4, max_seq_len=seq, norm_scheme="sandwich", step_norm=True,
+    return lj.LoopedConfig(**sizes, n_loops=N_LOOPS, max_seq_len=seq, norm_scheme="sandwich", step_norm=True,
                            exit_gate=True, tie_embeddings=False, rope_theta=1e6, param_dtype="float32",
                            compute_dtype=compute_dtype, remat_policy=remat)
 
@@ -71,21 +84,80 @@ def make_train_step(cfg: lj.LoopedConfig):
     return jax.jit(step, donate_argnums=0), state, n_params
 
 
-def matmul_peak(dtype, n: int, repeats: int) -> float:
-    """Best FLOP/s of an n x n @ n x n matmul (random data) in ``dtype``."""
-    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(2), (n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    jax.block_until_ready(f(a, b))
+def _best_seconds(fn, repeats: int) -> float:
+    fn()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return best
 
 
-def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | None, seq: int | None) -> dict:
+def jax_matmul_rate(dtype, m: int, k: int, n: int, repeats: int, trans_a: bool = False,
+                    trans_b: bool = False, batch: int = 1) -> float:
+    """Best FLOP/s of a jitted [m, k] @ [k, n] matmul (random data; an operand stored transposed where asked;
+    ``batch`` > 1: a batch of them, as one batched matmul)."""
+    lead = (batch,) if batch > 1 else ()
+    a = jax.random.normal(jax.random.key(1), lead + ((k, m) if trans_a else (m, k)), dtype)
+    b = jax.random.normal(jax.random.key(2), lead + ((n, k) if trans_b else (k, n)), dtype)
+    f = jax.jit(lambda x, y: (jnp.swapaxes(x, -1, -2) if trans_a else x)
+                @ (jnp.swapaxes(y, -1, -2) if trans_b else y))
+    return 2 * batch * m * k * n / _best_seconds(lambda: jax.block_until_ready(f(a, b)), repeats)
+
+
+def matmul_peaks(dtype, sizes: list[int], repeats: int, torch_mod) -> dict:
+    """Best square-matmul FLOP/s over ``sizes`` for XLA (and torch, alternating with it, where given)."""
+    out = {"jax": 0.0, "torch": 0.0 if torch_mod else None, "by_size": {}}
+    for n in sizes:
+        for _ in range(2):  # alternate the frameworks twice per size
+            j = jax_matmul_rate(dtype, n, n, n, repeats)
+            t = torch_mod.matmul_rate(n, n, n, repeats) if torch_mod else None
+            out["jax"] = max(out["jax"], j)
+            if t is not None:
+                out["torch"] = max(out["torch"], t)
+            out["by_size"].setdefault(n, []).append(dict(jax=j, torch=t, load_avg=os.getloadavg()[0]))
+    return out
+
+
+def step_gemms(cfg: lj.LoopedConfig, b: int, s: int) -> list[tuple[str, int, int, int, bool, bool, int, int]]:
+    """The step's weight and attention matmuls: (name, m, k, n, trans_a, trans_b, batch, count per step).
+
+    Per weight matmul x[M, K] @ w[K, N]: the forward, the input gradient g @ wᵀ and the weight gradient xᵀ @ g.
+    Attention is one batched matmul over (batch row, head) per layer application: S x S scores, forward and the
+    two gradients of each of q·kᵀ and p·v (each timed as its forward shape).
+    """
+    d, h, f, v = cfg.d_model, cfg.d_head, cfg.d_ff, cfg.vocab_size
+    per_loop = cfg.n_layers * N_LOOPS
+    weights = [("q", d, cfg.n_heads * h, per_loop), ("k, v", d, cfg.kv_heads * h, 2 * per_loop),
+               ("o", cfg.n_heads * h, d, per_loop), ("mlp_in", d, f, 2 * per_loop),
+               ("mlp_out", f, d, per_loop), ("head", d, v, N_LOOPS)]
+    out = []
+    for name, k, n, count in weights:
+        m = b * s
+        out += [(f"{name} fwd", m, k, n, False, False, 1, count),
+                (f"{name} dx", m, n, k, False, True, 1, count), (f"{name} dw", k, m, n, True, False, 1, count)]
+    heads = b * cfg.n_heads
+    out += [("scores q kᵀ", s, h, s, False, True, heads, 3 * per_loop),
+            ("probs @ v", s, s, h, False, False, heads, 3 * per_loop)]
+    return out
+
+
+def gemm_split(cfg: lj.LoopedConfig, b: int, s: int, repeats: int, torch_mod) -> list[dict]:
+    """Time each of ``step_gemms``' shapes in XLA and (alternating) torch; seconds per step at each rate."""
+    rows = []
+    for name, m, k, n, ta, tb, bt, count in step_gemms(cfg, b, s):
+        j = jax_matmul_rate(jnp.float32, m, k, n, repeats, ta, tb, bt)
+        t = torch_mod.matmul_rate(m, k, n, repeats, ta, tb, bt) if torch_mod else None
+        flops = 2 * bt * m * k * n * count
+        rows.append(dict(name=name, m=m, k=k, n=n, trans_a=ta, trans_b=tb, batch=bt, count=count, flops=flops,
+                         jax_flops_per_s=j, torch_flops_per_s=t, jax_s=flops / j,
+                         torch_s=flops / t if t else None, load_avg=os.getloadavg()[0]))
+    return rows
+
+
+def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | None, seq: int | None,
+          torch_mod=None, torch_ref: str | None = None, torch_attn: str = "sdpa") -> dict:
     _, b, s = CONFIGS[name]
     b, s = batch or b, seq or s
     cfg = model_config(name, compute_dtype, remat, s)
@@ -96,54 +168,119 @@ def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | No
     compile_s = time.perf_counter() - t0
     state, loss = compiled(state, tokens[0])  # warm-up
     jax.block_until_ready(loss)
-    times, losses = [], []
-    for t in tokens[1:]:
+    torch_step = None
+    if torch_mod is not None:
+        import torch
+
+        tmodel = torch_mod.build(torch_ref, CONFIGS[name][0], N_LOOPS, s, attn=torch_attn)
+        torch_step = torch_mod.make_train_step(tmodel, ENTROPY_BETA)
+        t_tokens = [torch.from_numpy(np.asarray(t, np.int64)) for t in tokens]
+        torch_step(t_tokens[0])  # warm-up
+    times, losses, loads, t_times, t_losses = [], [], [], [], []
+    for i, t in enumerate(tokens[1:], 1):  # alternate: loopjax step i, then PyTorch step i
+        loads.append(os.getloadavg()[0])
         t0 = time.perf_counter()
         state, loss = compiled(state, t)
         losses.append(float(loss))  # forces completion of the step
         times.append(time.perf_counter() - t0)
+        if torch_step is not None:
+            t0 = time.perf_counter()
+            t_losses.append(torch_step(t_tokens[i]))
+            t_times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     flops = b * lj.train_flops(cfg, s, cfg.n_loops, readouts=cfg.n_loops)
-    return dict(config=name, batch=b, seq=s, params=n_params, compile_s=compile_s, step_s=step_s, step_s_all=times,
-        tokens_per_s=b * s / step_s, model_flops_per_step=flops, achieved_flops=flops / step_s,
-        losses=losses, remat=remat, compute_dtype=compute_dtype)
+    row = dict(config=name, batch=b, seq=s, params=n_params, compile_s=compile_s, step_s=step_s, step_s_all=times,
+               tokens_per_s=b * s / step_s, model_flops_per_step=flops, achieved_flops=flops / step_s,
+               losses=losses, remat=remat, compute_dtype=compute_dtype, load_avg_per_step=loads)
+    if torch_step is not None:
+        t_step = statistics.median(t_times)
+        row.update(torch_step_s=t_step, torch_step_s_all=t_times, torch_tokens_per_s=b * s / t_step,
+                   torch_losses=t_losses, torch_attn=torch_attn, torch_threads=torch.get_num_threads(),
+                   ratio_vs_torch=t_step / step_s)
+    return row
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["small", "medium"], choices=sorted(CONFIGS))
-    ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (per framework) after one warm-up step")
     ap.add_argument("--remat", default="none", choices=["none", "full", "save_dots", "minimal", "save_qkv"])
     ap.add_argument("--batch", type=int, default=None, help="override the config's batch (quick runs)")
     ap.add_argument("--seq", type=int, default=None, help="override the config's sequence length (quick runs)")
-    ap.add_argument("--matmul-n", type=int, default=None, help="peak matmul size (default 1024 CPU, 8192 GPU)")
+    ap.add_argument("--matmul-n", type=int, nargs="+", default=None,
+                    help="square peak-matmul sizes (default 1024 2048 on CPU, 8192 on GPU)")
+    ap.add_argument("--torch-ref", default=None, metavar="DIR",
+                    help="folder with the published Ouro modeling_ouro.py: time PyTorch side by side")
+    ap.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--gemms", action="store_true", help="also time every matmul shape of the step")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     args = ap.parse_args(argv)
 
     backend = jax.default_backend()
     on_accel = backend in ("gpu", "tpu")
     compute_dtype = "bfloat16" if on_accel else "float32"
-    peak = matmul_peak(jnp.dtype(compute_dtype), args.matmul_n or (8192 if on_accel else 1024), repeats=10)
-    rows = [bench(name, compute_dtype, args.remat, args.steps, args.batch, args.seq) for name in args.configs]
-    for r in rows:
+    torch_mod, torch_why = torch_ouro.if_available(args.torch_ref)
+    if torch_mod is not None and on_accel:
+        torch_mod, torch_why = None, f"backend {backend}: the PyTorch reference runs on the CPU only"
+    peaks = matmul_peaks(jnp.dtype(compute_dtype), args.matmul_n or ([8192] if on_accel else [1024, 2048]),
+                         repeats=10, torch_mod=torch_mod)
+    peak = peaks["jax"]
+    rows = []
+    for name in args.configs:
+        r = bench(name, compute_dtype, args.remat, args.steps, args.batch, args.seq, torch_mod, args.torch_ref,
+                  args.torch_attn)
         r["mfu"] = r["achieved_flops"] / peak
-        anchor = ANCHOR_TOKENS_PER_S.get(r["config"]) if not on_accel and not (args.batch or args.seq) else None
-        r["vs_pytorch_anchor"] = r["tokens_per_s"] / anchor if anchor else None
+        if "torch_step_s" in r:
+            r["torch_mfu"] = r["model_flops_per_step"] / r["torch_step_s"] / peaks["torch"]
+        if args.gemms:
+            _, b, s = CONFIGS[name]
+            cfg = model_config(name, compute_dtype, args.remat, args.seq or s)
+            r["gemms"] = gemm_split(cfg, args.batch or b, args.seq or s, 3, torch_mod)
+        rows.append(r)
 
+    loads = [x for r in rows for x in r["load_avg_per_step"]]
+    torch_peak = f"{peaks['torch'] / 1e9:.1f}" if peaks["torch"] else NOT_MEASURED
     print(f"backend={backend} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs, jax {jax.__version__}, "
-          f"compute {compute_dtype}, remat={args.remat}, matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print("| config | params | batch x seq | compile (s) | step (s) | tokens/s | GFLOP/s | MFU | vs PyTorch anchor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"compute {compute_dtype}, remat={args.remat}; matmul peak (best of {args.matmul_n or 'default'} squares) "
+          f"XLA {peak / 1e9:.1f} GFLOP/s, torch {torch_peak}; load average during the steps "
+          f"{min(loads):.1f}-{max(loads):.1f}" + (f"; PyTorch {torch_why}" if torch_why else ""))
+    print("| config | params | batch x seq | compile (s) | step (s) | tokens/s | GFLOP/s | MFU (XLA peak) "
+          "| PyTorch Ouro tokens/s | PyTorch MFU (torch peak) | loopjax / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{r['vs_pytorch_anchor']:.2f}x" if r["vs_pytorch_anchor"] else "-"
+        if "torch_step_s" in r:
+            tcols = (f"{r['torch_tokens_per_s']:.0f} ({r['torch_attn']}) | {100 * r['torch_mfu']:.1f}% | "
+                     f"{r['ratio_vs_torch']:.2f}x")
+        else:
+            tcols = f"{NOT_MEASURED} | {NOT_MEASURED} | {NOT_MEASURED}"
         print(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq']} | {r['compile_s']:.1f} | "
               f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['achieved_flops'] / 1e9:.1f} | "
-              f"{100 * r['mfu']:.1f}% | {ratio} |")
+              f"{100 * r['mfu']:.1f}% | {tcols} |")
+    for r in rows:
+        if "gemms" not in r:
+            continue
+        g = r["gemms"]
+        js = sum(x["jax_s"] for x in g)
+        ts = sum(x["torch_s"] for x in g) if torch_mod else None
+        print(f"\n{r['config']}: the step's matmuls, {sum(x['flops'] for x in g) / 1e9:.1f} GFLOP: "
+              f"{js:.3f} s at XLA's rates" + (f", {ts:.3f} s at torch's" if ts else "") +
+              f"; loopjax step {r['step_s']:.3f} s, so {r['step_s'] - js:.3f} s outside its matmuls" +
+              (f"; PyTorch step {r['torch_step_s']:.3f} s, {r['torch_step_s'] - ts:.3f} s outside" if ts else ""))
+        print("| matmul | m x k x n | count | XLA GFLOP/s | torch GFLOP/s | XLA s/step | torch s/step |")
+        print("|---|---|---|---|---|---|---|")
+        for x in g:
+            tr = "".join(("ᵀa" if x["trans_a"] else "", "ᵀb" if x["trans_b"] else ""))
+            tt = (f"{x['torch_flops_per_s'] / 1e9:.1f} | {x['torch_s']:.3f}" if x["torch_s"] else "- | -")
+            t_rate, t_s = tt.split(" | ")
+            bt = f"{x['batch']} x " if x["batch"] > 1 else ""
+            print(f"| {x['name']} | {bt}{x['m']} x {x['k']} x {x['n']}{' ' + tr if tr else ''} | {x['count']} | "
+                  f"{x['jax_flops_per_s'] / 1e9:.1f} | {t_rate} | {x['jax_s']:.3f} | {t_s} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(backend=backend, device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
-                       jax=jax.__version__, platform=platform.platform(), matmul_peak_flops=peak,
-                       load_avg=os.getloadavg(), rows=rows), f, indent=1)
+        json.dump(dict(args=vars(args), backend=backend, device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
+                       jax=jax.__version__, platform=platform.platform(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                       matmul_peak_flops=peak, torch_matmul_peak_flops=peaks["torch"], matmul_peaks=peaks,
+                       torch=torch_why or "measured", load_avg_end=os.getloadavg(), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

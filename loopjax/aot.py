@@ -513,13 +513,20 @@ TABLE_COLUMNS = (("topology", "topology", "{}"), ("chips", "chips", "{}"), ("att
                  ("est MFU", "est_mfu", "{:.1%}"), ("compile s", "compile_s", "{:.0f}"))
 
 
+# Where est_basis is "flops_at_peak" the step time is a lower bound and est MFU an upper bound: the cells say so.
+BOUND_PREFIX = {"est_mfu": "<= ", "est_step_s": ">= "}
+
+
 def format_table(rows: Sequence[dict], extra: Sequence[tuple[str, str, str]] = ()) -> str:
-    """A markdown table of reports (missing values as '-')."""
+    """A markdown table of reports (missing values as '-'; bounds as '<= x' / '>= x')."""
     cols = list(extra) + list(TABLE_COLUMNS)
 
     def cell(row, key, fmt):
         value = row.get(key)
-        return "-" if value is None else fmt.format(value)
+        if value is None:
+            return "-"
+        bound = BOUND_PREFIX.get(key, "") if row.get("est_basis") == "flops_at_peak" else ""
+        return bound + fmt.format(value)
 
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in cols) + " |" for r in rows]
@@ -621,7 +628,8 @@ def cmd_aot(args: argparse.Namespace) -> int:
             print(f"no remat choice fits with {HEADROOM:.0%} HBM headroom")
         else:
             scope = f", remat_scope={best['remat_scope']}" if best.get("remat_scope") else ""
-            print(f"recommended: remat_policy={best['remat_policy']}{scope} (est MFU {best['est_mfu']:.1%}, "
+            bound = BOUND_PREFIX["est_mfu"] if best.get("est_basis") == "flops_at_peak" else ""
+            print(f"recommended: remat_policy={best['remat_policy']}{scope} (est MFU {bound}{best['est_mfu']:.1%}, "
                   f"{best['per_chip_total_gib']:.2f} GiB of {best['hbm_gib']:.0f} per chip)")
         out = {"rows": rows, "skipped": skipped, "recommended": None if best is None else
                {k: best.get(k) for k in ("remat_policy", "remat_scope")}}

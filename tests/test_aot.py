@@ -73,6 +73,14 @@ def test_step_time_falls_back_to_flops_at_peak_where_xla_gives_no_time():
     assert aot.step_time_estimate(-3000.0, 100e12, 20e12, 400e12, -28.0) == (0.3, "flops_at_peak")
 
 
+def test_table_marks_flops_at_peak_estimates_as_bounds():
+    row = {"topology": "v5e:1x1", "chips": 1, "est_step_s": 0.25, "est_mfu": 0.692}
+    fitted = aot.format_table([{**row, "est_basis": "optimal_seconds"}]).splitlines()[-1]
+    bound = aot.format_table([{**row, "est_basis": "flops_at_peak"}]).splitlines()[-1]
+    assert "| 0.250 |" in fitted and "| 69.2% |" in fitted and "<=" not in fitted and ">=" not in fitted
+    assert "| >= 0.250 |" in bound and "| <= 69.2% |" in bound
+
+
 def test_sweep_remat_compares_policies_and_recommends_one_that_fits(tmp_path, capsys):
     out = tmp_path / "sweep.json"
     code = main(["aot", "tiny", "--topology", "v5e:2x2", "--seq", SEQ, "--batch", "8", "--mesh", "fsdp=4",
