@@ -30,12 +30,13 @@ from flax import nnx
 from loopjax.analysis import fixed_points as fp
 from loopjax.analysis import plots
 from loopjax.analysis.efficiency import _forward, evaluate_rules, exit_rule_grid, pareto_mask, rule_name
+from loopjax.analysis.specialisation import has_layer_profile, layer_profile
 from loopjax.analysis.trajectory import record
 from loopjax.halting import ConvergenceExit, QExit, validate_exit_rule
 from loopjax.model import count_params
 
 PLOTS = {"convergence": "convergence.png", "attention": "attention_change.png", "trajectory": "trajectory_pca.png",
-         "exit_depth": "exit_depth_text.png", "pareto": "pareto.png"}
+         "exit_depth": "exit_depth_text.png", "pareto": "pareto.png", "layers": "layer_specialisation.png"}
 
 
 def git_revision() -> str:
@@ -186,8 +187,19 @@ def analyze(model, *, task=None, tokens: Any = None, out_dir: str | Path, n_loop
     else:
         points, result["efficiency"] = [], None
 
+    # layer specialisation (per-layer loops, memory banks): E[n] and gate value per core layer, over the answer
+    # positions with a task, else every valid token
+    result["layer_specialisation"] = None
+    if has_layer_profile(cfg):
+        where_BS = np.asarray(batch["mask"]) > 0 if batch is not None else valid_BS > 0
+        result["layer_specialisation"] = layer_profile(model, tokens_np, where_BS)
+
     result["files"] = _plots(out, traj, conv, attn, exit_BS[0], valid_BS[0], batch, tokens_np[0], decode, n_loops,
                              points, name)
+    if result["layer_specialisation"] is not None:
+        plots.plot_layer_specialisation({name: result["layer_specialisation"]}, out / PLOTS["layers"],
+                                        title=f"{name}: layer specialisation")
+        result["files"].append(PLOTS["layers"])
     result = _jsonable(result)
     (out / "results.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     (out / "README.md").write_text(_markdown(result, title or f"Fixed-point analysis: {name}"))
@@ -268,5 +280,15 @@ def _markdown(r: dict, title: str) -> str:
                   "per token when every token stops at its exit (``forward_flops`` with the exit profile).",
                   _table(["rule", "accuracy", "mean loops", "answer loops", "iterations", "FLOPs/token",
                           "Pareto"], rows)]
+    spec = r.get("layer_specialisation")
+    if spec is not None:
+        n_layers = max(len(v) for v in spec.values() if v is not None)
+        cols = [("expected_steps", "E[n]"), ("gate_local", "gate local"), ("gate_global", "gate global")]
+        rows = [[layer + 1, *(spec[key][layer] if spec[key] is not None else "-" for key, _ in cols)]
+                for layer in range(n_layers)]
+        parts += ["## Layer specialisation", "Per core layer, mean over the answer positions (all valid tokens "
+                  "without a task): expected iterations E[n] of the per-layer loop and mean gate value of the local "
+                  f"and global memory bank (plot: {PLOTS['layers']}).",
+                  _table(["core layer", *(label for _, label in cols)], rows)]
     parts += ["## Files", ", ".join(f"[{f}]({f})" for f in r["files"])]
     return "\n\n".join(parts) + "\n"
