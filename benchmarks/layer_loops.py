@@ -127,16 +127,18 @@ def bench_scan(args) -> list[dict]:
     graphdef, state = nnx.split(lj.LoopedLM(cfg, rngs=nnx.Rngs(0)))
     tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, cfg.vocab_size)
 
-    def step(st, tok):
-        loss, grads = jax.value_and_grad(lambda p: ce_loss(graphdef, p, tok))(st)
-        return jax.tree.map(lambda p, g: p - 1e-3 * g, st, grads), loss
+    def make_step():  # a fresh function per version: jit's trace cache must not hand back the other one
+        def step(st, tok):
+            loss, grads = jax.value_and_grad(lambda p: ce_loss(graphdef, p, tok))(st)
+            return jax.tree.map(lambda p, g: p - 1e-3 * g, st, grads), loss
+        return step
 
     fns, compile_s = {}, {}
     for name in ("scan", "python for-loop"):
         ctx = python_for_loop_iterations() if name != "scan" else contextlib.nullcontext()
         with ctx:
             t0 = time.perf_counter()
-            fns[name] = jax.jit(step).lower(state, tokens).compile()
+            fns[name] = jax.jit(make_step()).lower(state, tokens).compile()
             compile_s[name] = time.perf_counter() - t0
     loss_scan, loss_loop = (float(fns[k](state, tokens)[1]) for k in fns)
     timed = time_interleaved([lambda f=f: f(state, tokens) for f in fns.values()], args.repeats)

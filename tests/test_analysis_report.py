@@ -149,10 +149,10 @@ def test_analyze_reports_layer_specialisation_of_per_layer_loops_and_memory(tmp_
                      power_iters=2, q_grid=(), eps_grid=(0.1,))
     spec = result["layer_specialisation"]
     assert len(spec["expected_steps"]) == 2 and all(1 <= e <= 3 for e in spec["expected_steps"])
-    # gate weights start at zero: every gate value is sigmoid(bias) exactly, in every layer and bank
+    # gate weights start at zero: every gate value is sigmoid(bias) (to float32 rounding), in every layer and bank
     expected = 1 / (1 + math.exp(-bias))
-    np.testing.assert_allclose(spec["gate_local"], [expected] * 2, rtol=1e-6)
-    np.testing.assert_allclose(spec["gate_global"], [expected] * 2, rtol=1e-6)
+    np.testing.assert_allclose(spec["gate_local"], [expected] * 2, rtol=2e-5)
+    np.testing.assert_allclose(spec["gate_global"], [expected] * 2, rtol=2e-5)
     assert PLOTS["layers"] in result["files"] and (tmp_path / PLOTS["layers"]).read_bytes()[:4] == b"\x89PNG"
     assert "## Layer specialisation" in (tmp_path / "README.md").read_text()
     base = analyze(lj.LoopedLM(lj.LoopedConfig(vocab_size=task.vocab_size, d_model=16, n_heads=2, d_ff=32,
