@@ -37,7 +37,8 @@ import loopjax as lj
 
 def base_config(args) -> lj.LoopedConfig:
     return lj.LoopedConfig(vocab_size=512, d_model=args.d_model, n_heads=4, n_kv_heads=4, d_ff=4 * args.d_model,
-                           n_layers=args.layers, n_loops=1, max_seq_len=args.seq, exit_gate=False)
+                           n_layers=args.layers, n_loops=1, max_seq_len=args.seq, exit_gate=False,
+                           remat_scope=args.remat_scope)
 
 
 def ce_loss(graphdef, st, tokens_BS, **call):
@@ -84,8 +85,8 @@ def bench_compile(args) -> list[dict]:
             rows.append(dict(model="Loop+Mem" if memory else "Loop", N=n, compile_s=seconds, temp_bytes=temp,
                              params=lj.count_params(nnx.eval_shape(lambda: lj.LoopedLM(cfg, rngs=nnx.Rngs(0))))))
             print(rows[-1], flush=True)
-    print(f"\n{args.layers} layers, d_model {args.d_model}, batch {args.batch} x {args.seq}, "
-          f"{jax.devices()[0].platform}")
+    print(f"\n{args.layers} layers, d_model {args.d_model}, batch {args.batch} x {args.seq}, remat 'full' scope "
+          f"{args.remat_scope!r}, {jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f}")
     print("| model | N | params | compile (s) | compile vs N=1 | temp MiB | temp vs N=1 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -228,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--local-slots", type=int, default=256)
     ap.add_argument("--global-slots", type=int, default=128)
+    ap.add_argument("--remat-scope", default="layer", choices=["loop", "layer", "both"],
+                    help="where jax.checkpoint goes (LoopedConfig.remat_scope; policy 'full')")
     ap.add_argument("--threshold", type=float, default=0.99, help="layer_exit_threshold (adaptive)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=None)
