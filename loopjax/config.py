@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any
 
 NORM_SCHEMES = ("pre", "sandwich")
@@ -36,6 +37,11 @@ def _check_float(field: str, value: Any, lo: float, hi: float | None = None, lo_
     if not ok:
         lo_s = f"> {lo}" if lo_open else f">= {lo}"
         _fail(field, value, f"a float {lo_s}" + ("" if hi is None else f" and <= {hi}"))
+
+
+def _check_finite(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(field, value, "a finite float")
 
 
 def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -98,6 +104,11 @@ class LoopedConfig:
         module per layer (checkpoints and conversion unchanged); they are stacked once per forward.
       exit_gate: build the Ouro exit gate Linear(d_model, 1) read after every loop.
       init_std: stddev of the normal init of weight matrices.
+      layer_loops: N, per-layer adaptive loops (``loopjax.layer_loop``): every core layer iterates its own state
+        up to N times per token with residual scales softplus(a_t), a halting router and the expected state as
+        its output (Frey et al. 2026). 1 = off (no extra parameters, today's model bit for bit).
+      layer_loop_scale_init: initial residual-scale logit a_t of every iteration (softplus(-7) ~ 1e-3: each
+        layer starts near the identity).
     """
 
     vocab_size: int = 256
@@ -128,6 +139,9 @@ class LoopedConfig:
     scan_layers: bool = False
     exit_gate: bool = True
     init_std: float = 0.02
+    # --- per-layer adaptive loops (issue 29) ---
+    layer_loops: int = 1
+    layer_loop_scale_init: float = -7.0
 
     def __post_init__(self) -> None:
         _check_int("vocab_size", self.vocab_size, 2)
@@ -175,6 +189,9 @@ class LoopedConfig:
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "a bool")
         _check_float("init_std", self.init_std, 0.0)
+        # --- per-layer adaptive loops (issue 29) ---
+        _check_int("layer_loops", self.layer_loops, 1)
+        _check_finite("layer_loop_scale_init", self.layer_loop_scale_init)
 
     @property
     def kv_heads(self) -> int:
@@ -297,6 +314,11 @@ class HaltingConfig:
       ce_block: when the per-step CE comes from step states (``chunked``, "ouro_gate"), positions per logits
         block: each loop's CE runs over blocks of this many positions, one [B, ce_block, V] block live at a
         time (0 = the whole sequence); >= 0.
+      ponder_weight: lambda_p of the per-layer loops' ponder cost, added to the objective as
+        lambda_p * (mean E[n] - 1) / (layer_loops - 1), the mean over counted tokens and core layers
+        (``halting.layer_ponder_cost``). Any finite float: > 0 pushes layers to exit early, < 0 rewards more
+        iterations (the paper ablated both signs, e.g. -0.015 and +0.1); 0 = off. Non-zero needs a model with
+        ``layer_loops > 1`` (checked where model and objective meet) and ``random_loops=False``.
       random_loops: sample each step's loop count n ~ 1 + Poisson(LogNormal(log mean_loops − σ²/2, loops_sigma)),
         clipped to max_loops, run in one compiled scan of max_loops, backpropagating through the last
         backprop_loops iterations only.
@@ -316,6 +338,8 @@ class HaltingConfig:
     loops_sigma: float = 0.5
     max_loops: int = 16
     backprop_loops: int = 8
+    # --- per-layer adaptive loops (issue 29) ---
+    ponder_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("objective", self.objective, OBJECTIVES)
@@ -339,6 +363,11 @@ class HaltingConfig:
         _check_int("backprop_loops", self.backprop_loops, 1, self.max_loops)
         if self.mean_loops > self.max_loops:
             _fail("mean_loops", self.mean_loops, f"<= max_loops={self.max_loops}")
+        # --- per-layer adaptive loops (issue 29) ---
+        _check_finite("ponder_weight", self.ponder_weight)
+        if self.ponder_weight != 0 and self.random_loops:
+            _fail("ponder_weight", self.ponder_weight, "0 with random_loops=True (a traced loop count runs the "
+                  "core through an executor that reports no per-layer E[n])")
 
     def replace(self, **overrides: Any) -> HaltingConfig:
         """A copy with some fields changed (validated; unknown names raise with near matches)."""

@@ -616,12 +616,30 @@ def mixture_logits_loss(gate_BST: jax.Array, labels_BS: jax.Array, mask_BS: jax.
     return _masked_mean(cross_entropy(mixture_logits(gate_BST, **logits_or_hidden), labels_BS), mask_BS)
 
 
+def check_ponder(hcfg: HaltingConfig, layer_loops: int) -> None:
+    """Raise ValueError where ``hcfg.ponder_weight`` meets a model it means nothing for (no per-layer loops)."""
+    if hcfg.ponder_weight != 0 and layer_loops < 2:
+        raise ValueError(f"ponder_weight={hcfg.ponder_weight!r}: needs per-layer loops (LoopedConfig.layer_loops "
+                         f">= 2, got {layer_loops}); set ponder_weight=0")
+
+
+def layer_ponder_cost(expected_n_BSK: jax.Array, layer_loops: int, mask_BS: jax.Array | None = None) -> jax.Array:
+    """The per-layer loops' ponder cost (mean E[n] − 1)/(N − 1) in [0, 1]: E[n] [B, S, k] averaged over the k core
+    layers and the counted tokens (``mask_BS``); N = ``layer_loops`` >= 2. Weighted by ``ponder_weight``."""
+    if layer_loops < 2:
+        raise ValueError(f"layer_loops={layer_loops!r}: the ponder cost needs per-layer loops (>= 2)")
+    return (_masked_mean(expected_n_BSK.astype(jnp.float32).mean(-1), mask_BS) - 1.0) / (layer_loops - 1)
+
+
 def halting_loss(hcfg: HaltingConfig, *, gate_BST: jax.Array | None, labels_BS: jax.Array,
                  mask_BS: jax.Array | None = None, step_logits_TBSV: jax.Array | None = None,
                  step_hidden_TBSD: jax.Array | None = None, head_fn: HeadFn | None = None,
                  gate_fn: HeadFn | None = None, prepare_fn: HeadFn | None = None,
-                 ce_TBS: jax.Array | None = None) -> jax.Array:
-    """The objective ``hcfg.objective`` on one batch (labels already aligned with the logits).
+                 ce_TBS: jax.Array | None = None, layer_expected_n_BSK: jax.Array | None = None,
+                 layer_loops: int | None = None) -> jax.Array:
+    """The objective ``hcfg.objective`` on one batch (labels already aligned with the logits), plus
+    ``hcfg.ponder_weight`` · ``layer_ponder_cost(layer_expected_n_BSK, layer_loops)`` when the weight is not 0
+    (then both are required: ``LoopedOutput.layer_expected_n`` and ``LoopedConfig.layer_loops``).
 
     Inputs: step logits [T, B, S, V], or step read-out states [T, B, S, D] with ``head_fn`` ([B, S, D] ->
     [B, S, V]) — required for ``chunked``, "act" and "ouro_gate". "ouro_gate" also needs ``gate_fn``
@@ -630,6 +648,19 @@ def halting_loss(hcfg: HaltingConfig, *, gate_BST: jax.Array | None, labels_BS: 
     token; sequence-wise read-out work (coda layers) goes in ``prepare_fn`` ([B, S, D] -> [B, S, D]).
     ``ce_TBS``: the per-step CE already computed (for "ouro", "pondernet", "final"), used instead of logits/states.
     """
+    loss = _block_loop_objective(hcfg, gate_BST=gate_BST, labels_BS=labels_BS, mask_BS=mask_BS,
+                                 step_logits_TBSV=step_logits_TBSV, step_hidden_TBSD=step_hidden_TBSD,
+                                 head_fn=head_fn, gate_fn=gate_fn, prepare_fn=prepare_fn, ce_TBS=ce_TBS)
+    if hcfg.ponder_weight == 0:
+        return loss
+    if layer_expected_n_BSK is None or layer_loops is None:
+        raise ValueError(f"ponder_weight={hcfg.ponder_weight!r}: needs layer_expected_n_BSK and layer_loops")
+    check_ponder(hcfg, layer_loops)
+    return loss + hcfg.ponder_weight * layer_ponder_cost(layer_expected_n_BSK, layer_loops, mask_BS)
+
+
+def _block_loop_objective(hcfg: HaltingConfig, *, gate_BST, labels_BS, mask_BS, step_logits_TBSV,
+                          step_hidden_TBSD, head_fn, gate_fn, prepare_fn, ce_TBS) -> jax.Array:
     obj = hcfg.objective
     if ce_TBS is not None and obj in ("ouro", "pondernet", "final"):
         return _per_step_objective(hcfg, ce_TBS, gate_BST, mask_BS)

@@ -208,19 +208,28 @@ class DecoderLayer(nnx.Module):
         self.norm_in2 = RMSNorm(d, eps, pd) if sandwich else None
         self.norm_post2 = RMSNorm(d, eps, pd) if sandwich else None
 
-    def attn_residual(self, h_BSD: jax.Array, attn_out_BSD: jax.Array) -> jax.Array:
-        """Add the attention output to the residual stream (through norm_in2 under the sandwich scheme)."""
+    def attn_residual(self, h_BSD: jax.Array, attn_out_BSD: jax.Array, residual_scale: jax.Array | None = None
+                      ) -> jax.Array:
+        """Add the attention output to the residual stream (through norm_in2 under the sandwich scheme), scaled by
+        ``residual_scale`` (a scalar) when given."""
         if self.norm_in2 is not None:
             attn_out_BSD = self.norm_in2(attn_out_BSD)
-        return h_BSD + attn_out_BSD.astype(h_BSD.dtype)
+        return h_BSD + _scaled(attn_out_BSD.astype(h_BSD.dtype), residual_scale)
 
-    def mlp_residual(self, h_BSD: jax.Array) -> jax.Array:
-        """The MLP half of the layer, residual included."""
+    def mlp_residual(self, h_BSD: jax.Array, residual_scale: jax.Array | None = None) -> jax.Array:
+        """The MLP half of the layer, residual included (its branch scaled by ``residual_scale`` when given)."""
         y = self.mlp(self.norm_post(h_BSD))
         if self.norm_post2 is not None:
             y = self.norm_post2(y)
-        return h_BSD + y.astype(h_BSD.dtype)
+        return h_BSD + _scaled(y.astype(h_BSD.dtype), residual_scale)
 
-    def __call__(self, h_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout) -> jax.Array:
-        h_BSD = self.attn_residual(h_BSD, self.attn(self.norm_in(h_BSD), cos_BSh, sin_BSh, layout))
-        return self.mlp_residual(h_BSD)
+    def __call__(self, h_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout,
+                 residual_scale: jax.Array | None = None) -> jax.Array:
+        """The layer; ``residual_scale`` s (a scalar, per-layer loops) makes it h += s·attn(...); h += s·mlp(...).
+        None is the plain layer (no multiply at all)."""
+        h_BSD = self.attn_residual(h_BSD, self.attn(self.norm_in(h_BSD), cos_BSh, sin_BSh, layout), residual_scale)
+        return self.mlp_residual(h_BSD, residual_scale)
+
+
+def _scaled(y_BSD: jax.Array, scale: jax.Array | None) -> jax.Array:
+    return y_BSD if scale is None else y_BSD * jnp.asarray(scale).astype(y_BSD.dtype)

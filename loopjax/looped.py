@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from loopjax.attention import TokenLayout
 from loopjax.config import LoopedConfig
+from loopjax.layer_loop import LayerLoop, LayerLoopStats
 from loopjax.layers import DENSE_OUTPUT_NAMES, DecoderLayer, RMSNorm, dense, dtype, make_param
 from loopjax.partitioning import ACTIVATION_BSD, with_logical_constraint
 
@@ -116,16 +117,23 @@ class CoreOutput:
     out_BSD: the read-out state of the last loop (step-normed state, or norm(state) without step norm).
     step_out_TBSD: ``out`` after every loop, when recorded.
     gate_TBS: exit-gate logits after every loop (None without a gate).
+    layer_stats: per-layer loop statistics with leading axes [T, k] (``LayerLoopStats``); None without
+      per-layer loops.
     """
 
     state_BSD: jax.Array
     out_BSD: jax.Array
     step_out_TBSD: jax.Array | None = None
     gate_TBS: jax.Array | None = None
+    layer_stats: LayerLoopStats | None = None
 
 
 class LoopedCore(nnx.Module):
-    """k shared decoder layers, the output/step norm, the exit gate and the input-injection adapter."""
+    """k shared decoder layers, the output/step norm, the exit gate and the input-injection adapter.
+
+    Per-core-layer extras live in lists parallel to ``layers`` (one entry per layer, None when off):
+    ``layer_loops`` (``layer_loop.LayerLoop``, when ``cfg.layer_loops > 1``).
+    """
 
     def __init__(self, cfg: LoopedConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -135,6 +143,8 @@ class LoopedCore(nnx.Module):
         d = cfg.d_model
         self.adapter = (make_param(rngs, (2 * d, d), ("mlp", "embed"), cfg.init_std, cfg.param_dtype)
                         if cfg.input_injection == "concat" else None)
+        self.layer_loops = (nnx.List([LayerLoop(cfg, rngs) for _ in range(cfg.n_layers)])
+                            if cfg.layer_loops > 1 else None)
 
     def initial_state(self, e_BSD: jax.Array) -> jax.Array:
         """h_0: the embedding (no injection) or zeros (the embedding re-enters at every loop instead)."""
@@ -149,59 +159,102 @@ class LoopedCore(nnx.Module):
             return checkpoint_name(dense(he, self.adapter[...].astype(he.dtype)), "inject_proj").astype(h_BSD.dtype)
         return h_BSD
 
-    def stacked_layers(self) -> tuple[nnx.GraphDef, nnx.State]:
-        """(one layer's graphdef, the k layers' states stacked on a leading axis): what ``scan_layers`` scans."""
-        graphdef = nnx.graphdef(self.layers[0])
-        return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in self.layers])
+    def layer_modules(self, l: int) -> dict[str, nnx.Module]:
+        """Core layer ``l``'s modules by name: "layer" and each per-layer extra that is on ("loop")."""
+        extras = {"loop": self.layer_loops}
+        return {"layer": self.layers[l], **{name: mods[l] for name, mods in extras.items() if mods is not None}}
+
+    def stacked_layers(self) -> tuple[dict[str, nnx.GraphDef], dict[str, nnx.State]]:
+        """(graphdefs, states) by ``layer_modules`` name, each state stacked over the k layers on a leading axis:
+        what ``scan_layers`` scans (a scan step sees one layer with its extras)."""
+        names = self.layer_modules(0).keys()
+        per_layer = [self.layer_modules(l) for l in range(len(self.layers))]
+        graphdefs = {name: nnx.graphdef(per_layer[0][name]) for name in names}
+        states = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m[name]) for m in per_layer])
+                  for name in names}
+        return graphdefs, states
+
+    def inject_memory(self, h_BSD: jax.Array) -> jax.Array:
+        """The hook where memory banks enter a core layer's input at every iteration (identity without them)."""
+        return h_BSD
+
+    def core_layer(self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout, *,
+                   layer: DecoderLayer, loop: LayerLoop | None = None, layer_exit_threshold: float | None = None,
+                   ) -> tuple[jax.Array, LayerLoopStats | None]:
+        """One core layer on its input: a plain application, or its per-layer loop (all iterations, or the
+        masked while loop under ``layer_exit_threshold``). Returns (new state, the loop's stats or None)."""
+        cfg = self.cfg
+        run = remat_layer(layer, cfg.remat_policy, cfg.remat_scope)
+
+        def iteration(h: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+            # the one per-iteration function: layer(inject(h), residual_scale=s)
+            args = (cos_BSh, sin_BSh, layout) if scale is None else (cos_BSh, sin_BSh, layout, scale)
+            return with_logical_constraint(run(self.inject_memory(h), *args), ACTIVATION_BSD)
+
+        if loop is None:
+            return iteration(x_BSD), None
+        if layer_exit_threshold is None:
+            return loop.run(iteration, x_BSD)
+        return loop.run_adaptive(iteration, x_BSD, layer_exit_threshold)
 
     def step(self, h_BSD: jax.Array, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array,
-             layout: TokenLayout, stacked: tuple[nnx.GraphDef, nnx.State] | None = None,
-             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-        """One loop: (new carried state, read-out state, gate logit [B, S] or None).
+             layout: TokenLayout, stacked: tuple[dict, dict] | None = None, *,
+             layer_exit_threshold: float | None = None, return_layer_stats: bool = False) -> tuple:
+        """One loop: (new carried state, read-out state, gate logit [B, S] or None), plus the per-layer loops'
+        ``LayerLoopStats`` stacked over the k layers (or None) when ``return_layer_stats``.
 
-        stacked: ``stacked_layers()`` computed once outside a scan over loops (``scan_layers`` only)."""
+        stacked: ``stacked_layers()`` computed once outside a scan over loops (``scan_layers`` only).
+        layer_exit_threshold: run each per-layer loop adaptively (``LayerLoop.run_adaptive``)."""
         cfg = self.cfg
         x = self.inject(checkpoint_name(h_BSD, LOOP_STATE), e_BSD)
 
-        def apply(layer: nnx.Module, x: jax.Array) -> jax.Array:
-            run = remat_layer(layer, cfg.remat_policy, cfg.remat_scope)
-            return with_logical_constraint(run(x, cos_BSh, sin_BSh, layout), ACTIVATION_BSD)
+        def apply(x: jax.Array, modules: dict[str, nnx.Module]) -> tuple[jax.Array, LayerLoopStats | None]:
+            return self.core_layer(x, cos_BSh, sin_BSh, layout, layer_exit_threshold=layer_exit_threshold,
+                                   **modules)
 
         if cfg.scan_layers and len(self.layers) > 1:
-            graphdef, states = stacked if stacked is not None else self.stacked_layers()
-            x, _ = jax.lax.scan(lambda x, st: (apply(nnx.merge(graphdef, st), x), None), x, states)
+            graphdefs, states = stacked if stacked is not None else self.stacked_layers()
+            x, stats = jax.lax.scan(
+                lambda x, st: apply(x, {name: nnx.merge(graphdefs[name], st[name]) for name in graphdefs}), x, states)
         else:
-            for layer in self.layers:
-                x = apply(layer, x)
+            per_layer = []
+            for l in range(len(self.layers)):
+                x, st = apply(x, self.layer_modules(l))
+                per_layer.append(st)
+            stats = None if per_layer[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
         out = self.norm(x)
         new_h = out if self.cfg.step_norm else x
         gate = self.gate(out) if self.gate is not None else None
+        if return_layer_stats:
+            return new_h, out, gate, stats
         return new_h, out, gate
 
     def __call__(self, e_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, layout: TokenLayout, *,
-                 n_loops: int, record_steps: bool = False, use_scan: bool = True) -> CoreOutput:
+                 n_loops: int, record_steps: bool = False, use_scan: bool = True,
+                 layer_exit_threshold: float | None = None) -> CoreOutput:
         """Run ``n_loops`` iterations from ``initial_state(e)``; ``use_scan=False`` is the unrolled Python loop."""
         graphdef, state = nnx.split(self)
         # The layer stack is loop-invariant: built once here, its gradient summed over loops once.
         stacked = self.stacked_layers() if self.cfg.scan_layers and len(self.layers) > 1 else None
 
         def body(state, stacked, h, e, cos, sin, layout):
-            return nnx.merge(graphdef, state).step(h, e, cos, sin, layout, stacked)
+            return nnx.merge(graphdef, state).step(h, e, cos, sin, layout, stacked, return_layer_stats=True,
+                                                   layer_exit_threshold=layer_exit_threshold)
 
         body = remat(body, self.cfg.remat_policy, in_scan=use_scan, scope=self.cfg.remat_scope)
 
         def loop_fn(h, _):
-            h, out, gate = body(state, stacked, h, e_BSD, cos_BSh, sin_BSh, layout)
-            return h, (out if record_steps else None, gate)
+            h, out, gate, stats = body(state, stacked, h, e_BSD, cos_BSh, sin_BSh, layout)
+            return h, (out if record_steps else None, gate, stats)
 
         h0 = self.initial_state(e_BSD)
         if use_scan:
-            h, (step_out, gates) = jax.lax.scan(loop_fn, h0, length=n_loops, unroll=self.cfg.scan_unroll)
+            h, (step_out, gates, stats) = jax.lax.scan(loop_fn, h0, length=n_loops, unroll=self.cfg.scan_unroll)
         else:
             h, ys = h0, []
             for _ in range(n_loops):
                 h, y = loop_fn(h, None)
                 ys.append(y)
-            step_out, gates = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else (None, None)
+            step_out, gates, stats = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else (None, None, None)
         out = h if self.cfg.step_norm else self.norm(h)
-        return CoreOutput(state_BSD=h, out_BSD=out, step_out_TBSD=step_out, gate_TBS=gates)
+        return CoreOutput(state_BSD=h, out_BSD=out, step_out_TBSD=step_out, gate_TBS=gates, layer_stats=stats)

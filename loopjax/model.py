@@ -12,6 +12,7 @@ from loopjax import halting
 from loopjax.attention import TokenLayout, check_impl
 from loopjax.config import LoopedConfig
 from loopjax.halting import exit_distribution
+from loopjax.layer_loop import check_threshold
 from loopjax.layers import DecoderLayer, RMSNorm, dense, dtype, make_param, rope_cos_sin
 from loopjax.looped import LoopedCore, remat
 from loopjax.partitioning import ACTIVATION_BSD, LOGITS_BSV, LOGITS_TBSV, with_logical_constraint
@@ -30,6 +31,13 @@ class LoopedOutput:
     exit_pdf: [B, S, T] stick-breaking exit distribution from ``gate_logits``; None without a gate.
     exit_step: [B, S] int32, the loop (1..T) each token's logits were read from; None for plain calls.
     n_iterations: scalar int32, loop iterations executed; None for plain calls.
+    layer_expected_n: [B, S, k] float32, E[n] of each core layer's per-layer loop per token (``layer_loop``),
+      the mean over the T block loops; differentiable (the ponder cost's input). None without per-layer loops
+      and in exit-rule / traced-loop-count calls (their executors report no per-layer statistics).
+    layer_exit_iteration: [B, S, k] float32, the per-layer iterations each token computed (N unless
+      ``layer_exit_threshold`` stopped it), the mean over the T block loops; None as ``layer_expected_n``.
+    layer_iterations: [T, k] int32, iterations each core layer executed in each block loop (the while loop's trip
+      count under ``layer_exit_threshold``, else N); None as ``layer_expected_n``.
     """
 
     logits: jax.Array
@@ -40,6 +48,9 @@ class LoopedOutput:
     exit_pdf: jax.Array | None = None
     exit_step: jax.Array | None = None
     n_iterations: jax.Array | None = None
+    layer_expected_n: jax.Array | None = None
+    layer_exit_iteration: jax.Array | None = None
+    layer_iterations: jax.Array | None = None
 
 
 class LoopedLM(nnx.Module):
@@ -129,7 +140,7 @@ class LoopedLM(nnx.Module):
                  segment_ids_BS: jax.Array | None = None, attention_mask_BS: jax.Array | None = None,
                  return_steps: bool = False,
                  use_scan: bool = True, exit_rule=None, run_all_loops: bool = False, max_loops: int | None = None,
-                 backprop_loops: int | None = None) -> LoopedOutput:
+                 backprop_loops: int | None = None, layer_exit_threshold: float | None = None) -> LoopedOutput:
         """Run the model on int tokens [B, S].
 
         n_loops: loops to run (default ``cfg.n_loops``; any count >= 1, more than trained extrapolates).
@@ -147,6 +158,9 @@ class LoopedLM(nnx.Module):
         max_loops, backprop_loops: random loop-count training: ``n_loops`` may be a traced int scalar (1..
           max_loops), run in one compiled scan of ``max_loops``; gradients flow through the last
           ``backprop_loops`` iterations only (None = all).
+        layer_exit_threshold: with per-layer loops (``layer_loops`` >= 2), run each core layer's iterations as a
+          masked ``lax.while_loop`` in which a token stops once its cumulative halting mass is >= this value in
+          (0, 1] (``loopjax.layer_loop``; inference only, not differentiable). None runs all N iterations.
         """
         n_loops = self.cfg.n_loops if n_loops is None else n_loops
         if max_loops is not None:
@@ -160,6 +174,8 @@ class LoopedLM(nnx.Module):
                 raise ValueError("run_all_loops=True: needs an exit_rule (it selects each token's read-out loop)")
             if max_loops is None:
                 halting.validate_exit_rule(exit_rule, n_loops, self.core.gate is not None)
+        if layer_exit_threshold is not None:
+            check_threshold(layer_exit_threshold, self.cfg.layer_loops)
         if tokens_BS.ndim != 2:
             raise ValueError(f"tokens_BS.shape={tokens_BS.shape}: must be [batch, seq]")
         b, s = tokens_BS.shape
@@ -181,8 +197,10 @@ class LoopedLM(nnx.Module):
         if exit_rule is not None or max_loops is not None:
             return self._halting_call(e, cos, sin, layout, n_loops=n_loops, exit_rule=exit_rule,
                                       run_all_loops=run_all_loops, max_loops=max_loops,
-                                      backprop_loops=backprop_loops, return_steps=return_steps)
-        core = self.core(e, cos, sin, layout, n_loops=n_loops, record_steps=return_steps, use_scan=use_scan)
+                                      backprop_loops=backprop_loops, return_steps=return_steps,
+                                      layer_exit_threshold=layer_exit_threshold)
+        core = self.core(e, cos, sin, layout, n_loops=n_loops, record_steps=return_steps, use_scan=use_scan,
+                         layer_exit_threshold=layer_exit_threshold)
 
         logits = self.readout(core.out_BSD, cos, sin, layout)
         step_logits = None
@@ -192,16 +210,24 @@ class LoopedLM(nnx.Module):
         if core.gate_TBS is not None:
             gate_BST = jnp.moveaxis(core.gate_TBS, 0, -1)
             exit_pdf = exit_distribution(gate_BST)
+        layer_stats = {}
+        if core.layer_stats is not None:  # [T, k, B, S] -> mean over loops, [B, S, k]
+            st = core.layer_stats
+            layer_stats = dict(layer_expected_n=jnp.moveaxis(st.expected_n_BS.mean(0), 0, -1),
+                               layer_exit_iteration=jnp.moveaxis(st.exit_iteration_BS.astype(jnp.float32).mean(0),
+                                                                 0, -1),
+                               layer_iterations=st.iterations)
         return LoopedOutput(logits=logits, hidden=core.out_BSD, step_logits=step_logits,
-                            step_hidden=core.step_out_TBSD, gate_logits=gate_BST, exit_pdf=exit_pdf)
+                            step_hidden=core.step_out_TBSD, gate_logits=gate_BST, exit_pdf=exit_pdf, **layer_stats)
 
     def _halting_call(self, e_BSD, cos_BSh, sin_BSh, layout, *, n_loops, exit_rule, run_all_loops, max_loops,
-                      backprop_loops, return_steps) -> LoopedOutput:
+                      backprop_loops, return_steps, layer_exit_threshold=None) -> LoopedOutput:
         """Exit-rule and traced-loop-count calls: the core's step driven by a ``halting`` executor."""
         graphdef, state = nnx.split(self.core)
 
         def body(state, h):
-            return nnx.merge(graphdef, state).step(h, e_BSD, cos_BSh, sin_BSh, layout)
+            return nnx.merge(graphdef, state).step(h, e_BSD, cos_BSh, sin_BSh, layout,
+                                                   layer_exit_threshold=layer_exit_threshold)
 
         scan_body = remat(body, self.cfg.remat_policy, in_scan=True, scope=self.cfg.remat_scope)
         h0 = self.core.initial_state(e_BSD)

@@ -63,6 +63,7 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
     blocks of ``hcfg.ce_block`` positions from the read-out states.
     """
     inputs, targets, mask = batch["inputs"], batch["targets"], batch.get("mask")
+    halting.check_ponder(hcfg, model.cfg.layer_loops)
     metrics: Metrics = {}
     if hcfg.random_loops:
         kwargs = halting.loop_kwargs(hcfg, key)
@@ -72,7 +73,8 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
         out = model(inputs, return_steps=hcfg.objective != "final", **layout_kwargs(batch))
     head_fn, prepare_fn = _readout_fns(model, batch)
     if hcfg.chunked and hcfg.objective in ("ouro", "pondernet"):
-        return _fused_objective_loss(model, out, batch, hcfg, z_loss, prepare_fn)
+        total, metrics = _fused_objective_loss(model, out, batch, hcfg, z_loss, prepare_fn)
+        return _add_ponder(model, out, hcfg, mask, total, metrics)
     if hcfg.chunked:  # the read-out state's CE and logsumexp (ce_final, the z-loss) in one blocked pass
         ce_TBS, lse_TBS = halting.chunked_step_cross_entropy(
             out.hidden[None], head_fn, targets, block_tokens=hcfg.ce_block, prepare_fn=prepare_fn, return_lse=True)
@@ -83,8 +85,9 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
     if hcfg.objective == "final":
         loss = ce_final
     else:
-        loss = halting.halting_loss(hcfg, gate_BST=out.gate_logits, labels_BS=targets, mask_BS=mask,
-                                    step_logits_TBSV=out.step_logits, step_hidden_TBSD=out.step_hidden,
+        # the per-layer ponder term is added once for every objective, by ``_add_ponder``
+        loss = halting.halting_loss(hcfg.replace(ponder_weight=0.0), gate_BST=out.gate_logits, labels_BS=targets,
+                                    mask_BS=mask, step_logits_TBSV=out.step_logits, step_hidden_TBSD=out.step_hidden,
                                     head_fn=head_fn, prepare_fn=prepare_fn, gate_fn=model.core.gate)
     total = loss
     if z_loss > 0:
@@ -94,6 +97,23 @@ def objective_loss(model, batch: Batch, hcfg: HaltingConfig, z_loss: float,
         metrics["z_loss"] = z
     metrics.update(loss=loss, ce_final=ce_final)
     metrics.update(_exit_metrics(out, mask))
+    return _add_ponder(model, out, hcfg, mask, total, metrics)
+
+
+def _add_ponder(model, out, hcfg: HaltingConfig, mask: jax.Array | None, total: jax.Array,
+                metrics: Metrics) -> tuple[jax.Array, Metrics]:
+    """The per-layer loops' ponder term added to the loss (when weighted) and their E[n] per layer as metrics."""
+    if out.layer_expected_n is None:
+        return total, metrics
+    en_BSK = out.layer_expected_n
+    for l in range(en_BSK.shape[-1]):
+        metrics[f"layer{l}_expected_n"] = masked_mean(en_BSK[..., l], mask)
+    metrics["layer_expected_n"] = masked_mean(en_BSK.mean(-1), mask)
+    if hcfg.ponder_weight != 0:
+        ponder = halting.layer_ponder_cost(en_BSK, model.cfg.layer_loops, mask)
+        metrics["layer_ponder"] = ponder
+        metrics["loss"] = metrics["loss"] + hcfg.ponder_weight * ponder
+        total = total + hcfg.ponder_weight * ponder
     return total, metrics
 
 
