@@ -75,7 +75,7 @@ def bench_compile(args) -> list[dict]:
     base = base_config(args)
     tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, base.vocab_size)
     rows = []
-    for memory in (False, True):
+    for memory in (model == "Loop+Mem" for model in args.models):
         for n in args.loops:
             cfg = dataclasses.replace(base, layer_loops=n)
             if memory:
@@ -222,6 +222,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", choices=sorted(MODES))
     ap.add_argument("--loops", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--models", nargs="+", default=["Loop", "Loop+Mem"], choices=["Loop", "Loop+Mem"],
+                    help="compile: which models to sweep over N")
     ap.add_argument("--n", type=int, default=4, help="per-layer iterations (scan, adaptive)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=128)

@@ -18,6 +18,7 @@ many layers, MLP widened to Loop+Mem's training FLOPs, within 2%). The matching 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import sys
 import time
@@ -121,40 +122,59 @@ def base_config(preset: dict, vocab_size: int, seq_len: int) -> LoopedConfig:
                         d_ff=preset["d_ff"], exit_gate=False)
 
 
-def arm_configs(preset: dict, vocab_size: int, seq_len: int) -> dict[str, LoopedConfig]:
-    """The seven arms as configs of one model class, matched by ``count_params`` and ``train_flops``."""
+def arm_configs(preset: dict, vocab_size: int, seq_len: int,
+                names: tuple[str, ...] = ARMS) -> dict[str, LoopedConfig]:
+    """The arms ``names`` (default all seven, in ``ARMS`` order) as configs of one model class, matched by
+    ``count_params`` and ``train_flops`` (an arm's match target is built when needed)."""
+    unknown = sorted(set(names) - set(ARMS))
+    if unknown:
+        raise ValueError(f"arms {unknown}: must be among {list(ARMS)}")
     base = base_config(preset, vocab_size, seq_len)
     n = preset["layer_loops"]
     memory = dict(memory_local_slots=preset["memory_local_slots"], memory_global_slots=preset["memory_global_slots"],
                   memory_gate_bias=preset["memory_gate_bias"])
-    loop = dataclasses.replace(base, layer_loops=n)
-    mem = dataclasses.replace(base, **memory)
-    loop_mem = dataclasses.replace(loop, **memory)
     flops = lambda cfg: train_flops_per_token(cfg, seq_len)  # noqa: E731
     d_ff_max = 64 * preset["d_ff"]
 
-    wide_ff = closest_int(lambda f: params_of(dataclasses.replace(base, d_ff=f)), params_of(mem), base.d_ff, d_ff_max)
-    wide = dataclasses.replace(base, d_ff=wide_ff)
-    _check_match("Base-wide", "params", params_of(wide), params_of(mem), PARAM_TOL)
+    def wide() -> LoopedConfig:
+        target = params_of(get("Mem"))
+        cfg = dataclasses.replace(base, d_ff=closest_int(lambda f: params_of(dataclasses.replace(base, d_ff=f)),
+                                                         target, base.d_ff, d_ff_max))
+        _check_match("Base-wide", "params", params_of(cfg), target, PARAM_TOL)
+        return cfg
 
-    def deep_match(target: float, name: str) -> LoopedConfig:
-        """More layers (closest FLOPs), then the MLP width that brings the FLOPs within tolerance."""
+    def deep() -> LoopedConfig:
+        """More layers (closest FLOPs to Loop's), then the MLP width that brings the FLOPs within tolerance."""
+        target = flops(get("Loop"))
         layers = closest_int(lambda k: flops(dataclasses.replace(base, n_layers=k)), target, base.n_layers,
                              8 * n * base.n_layers)
         cfg = dataclasses.replace(base, n_layers=layers)
         if abs(flops(cfg) - target) > FLOP_TOL * target:
-            d_ff = closest_int(lambda f: flops(dataclasses.replace(cfg, d_ff=f)), target, 1, d_ff_max)
-            cfg = dataclasses.replace(cfg, d_ff=d_ff)
-        _check_match(name, "train FLOPs/token", flops(cfg), target, FLOP_TOL)
+            cfg = dataclasses.replace(cfg, d_ff=closest_int(lambda f: flops(dataclasses.replace(cfg, d_ff=f)),
+                                                            target, 1, d_ff_max))
+        _check_match("IsoFLOP-deep", "train FLOPs/token", flops(cfg), target, FLOP_TOL)
         return cfg
 
-    deep = deep_match(flops(loop), "IsoFLOP-deep")
-    # IsoFLOP-M: IsoFLOP-deep's layer count, MLP widened to Loop+Mem's FLOPs (the paper's "36 wider layers").
-    iso_m_ff = closest_int(lambda f: flops(dataclasses.replace(deep, d_ff=f)), flops(loop_mem), deep.d_ff, d_ff_max)
-    iso_m = dataclasses.replace(deep, d_ff=iso_m_ff)
-    _check_match("IsoFLOP-M", "train FLOPs/token", flops(iso_m), flops(loop_mem), FLOP_TOL)
-    return {"Base": base, "Loop": loop, "Mem": mem, "Loop+Mem": loop_mem, "Base-wide": wide, "IsoFLOP-deep": deep,
-            "IsoFLOP-M": iso_m}
+    def iso_m() -> LoopedConfig:
+        """IsoFLOP-deep's layer count, MLP widened to Loop+Mem's FLOPs (the paper's "36 wider layers")."""
+        layers, target = get("IsoFLOP-deep"), flops(get("Loop+Mem"))
+        cfg = dataclasses.replace(layers, d_ff=closest_int(lambda f: flops(dataclasses.replace(layers, d_ff=f)),
+                                                           target, layers.d_ff, d_ff_max))
+        _check_match("IsoFLOP-M", "train FLOPs/token", flops(cfg), target, FLOP_TOL)
+        return cfg
+
+    build = {"Base": lambda: base, "Loop": lambda: dataclasses.replace(base, layer_loops=n),
+             "Mem": lambda: dataclasses.replace(base, **memory),
+             "Loop+Mem": lambda: dataclasses.replace(base, layer_loops=n, **memory),
+             "Base-wide": wide, "IsoFLOP-deep": deep, "IsoFLOP-M": iso_m}
+    built: dict[str, LoopedConfig] = {}
+
+    def get(name: str) -> LoopedConfig:
+        if name not in built:
+            built[name] = build[name]()
+        return built[name]
+
+    return {name: get(name) for name in ARMS if name in names}
 
 
 def arm_shape(cfg: LoopedConfig) -> str:
@@ -162,7 +182,7 @@ def arm_shape(cfg: LoopedConfig) -> str:
     text = f"{cfg.n_layers}L d_ff {cfg.d_ff}"
     if cfg.layer_loops > 1:
         text += f" N={cfg.layer_loops}"
-    if cfg.memory_local_slots or cfg.memory_global_slots:
+    if getattr(cfg, "memory_local_slots", 0) or getattr(cfg, "memory_global_slots", 0):
         text += f" mem {cfg.memory_local_slots}/{cfg.memory_global_slots}"
     return text
 
@@ -204,8 +224,6 @@ def measure_capacity(preset: dict, argv: list[str]) -> Path:
         f"{cfg.d_model}) trained on the mixed stream (weights {list(preset['weights'])} for "
         f"{list(FAMILIES)}) for {preset['steps']} steps of batch {preset['batch_size']}, seed {seed}, once per table "
         f"size; recall is exact match over every fact of the table. {minutes:.1f} min.\n")
-    import json
-
     (out / "capacity.json").write_text(json.dumps({"command": command, "rows": data}, indent=1) + "\n")
     print(f"\n{table}\n\ncapacity: {out / 'capacity.md'}")
     return out / "capacity.md"
@@ -224,6 +242,7 @@ class ArmResult:
     accuracy: dict[str, list[float]]
     profile: dict[str, list[float] | None]
     train_seconds: list[float]
+    wall_seconds: float  # training, scoring and profiling, every seed
 
     @property
     def mean_expected_steps(self) -> float | None:
@@ -231,13 +250,24 @@ class ArmResult:
         return None if en is None else float(np.mean(en))
 
 
-def run_arms(preset: dict, stream: Mixture, *, log: Callable[[str], None] = print) -> list[ArmResult]:
-    """Train every arm on the stream for every seed; score each family; profile E[n] and gates by layer."""
-    configs = arm_configs(preset, stream.vocab_size, stream.length)
+def _preset_key(preset: dict) -> str:
+    """What an arm's cached result depends on besides its config: the whole preset but the output folder."""
+    return json.dumps({k: v for k, v in preset.items() if k != "out"}, sort_keys=True, default=str)
+
+
+def _cache_path(preset: dict, name: str) -> Path:
+    return Path(preset["out"]) / "arms" / (name.replace("+", "_").lower() + ".json")
+
+
+def run_arms(preset: dict, stream: Mixture, names: tuple[str, ...] = ARMS, *,
+             log: Callable[[str], None] = print) -> list[ArmResult]:
+    """Train the arms ``names`` on the stream for every seed; score each family; profile E[n] and gates by layer.
+    Each arm's result is also written to ``out/arms/NAME.json`` (``cached_arms`` reads it back)."""
     results = []
-    for name, cfg in configs.items():
+    for name, cfg in arm_configs(preset, stream.vocab_size, stream.length, names).items():
         accuracy: dict[str, list[float]] = {f: [] for f in FAMILIES}
         seconds, profile = [], None
+        wall = time.perf_counter()
         for seed in preset["seeds"]:
             start = time.perf_counter()
             trainer = fit_on_task(cfg, train_config(preset, stream.length, seed), stream, progress=False)
@@ -249,9 +279,34 @@ def run_arms(preset: dict, stream: Mixture, *, log: Callable[[str], None] = prin
                 profile = profile_of(model, stream, preset["eval_count"])
             scores = " ".join(f"{f}:{100 * v[-1]:.1f}" for f, v in accuracy.items())
             log(f"{name:>12} seed {seed}: {seconds[-1]:6.1f}s  accuracy % {scores}")
-        results.append(ArmResult(name=name, cfg=cfg, params=params_of(cfg),
-                                 train_flops_per_token=train_flops_per_token(cfg, stream.length),
-                                 accuracy=accuracy, profile=profile, train_seconds=seconds))
+        result = ArmResult(name=name, cfg=cfg, params=params_of(cfg),
+                           train_flops_per_token=train_flops_per_token(cfg, stream.length), accuracy=accuracy,
+                           profile=profile, train_seconds=seconds, wall_seconds=time.perf_counter() - wall)
+        path = _cache_path(preset, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"preset": _preset_key(preset), "config": dataclasses.asdict(cfg),
+                                    **{k: v for k, v in dataclasses.asdict(result).items() if k != "cfg"}},
+                                   default=str) + "\n")
+        results.append(result)
+    return results
+
+
+def cached_arms(preset: dict, stream: Mixture, names: tuple[str, ...]) -> list[ArmResult]:
+    """The results in ``out/arms/`` of the arms ``names`` trained earlier with this very preset and config."""
+    results = []
+    for name in names:
+        path = _cache_path(preset, name)
+        if not path.exists():
+            continue
+        cfg = arm_configs(preset, stream.vocab_size, stream.length, (name,))[name]
+        saved = json.loads(path.read_text())
+        if saved["preset"] != _preset_key(preset) or saved["config"] != json.loads(
+                json.dumps(dataclasses.asdict(cfg), default=str)):
+            print(f"{path}: trained with another preset or config; not used")
+            continue
+        fields = {k: saved[k] for k in ("name", "params", "train_flops_per_token", "accuracy", "profile",
+                                        "train_seconds", "wall_seconds")}
+        results.append(ArmResult(cfg=cfg, **fields))
     return results
 
 
@@ -304,14 +359,19 @@ def results_data(preset: dict, results: list[ArmResult], stream: Mixture) -> dic
                       "config": {k: v for k, v in dataclasses.asdict(r.cfg).items()
                                  if k in ("n_layers", "d_model", "d_ff", "layer_loops", "memory_local_slots",
                                           "memory_global_slots", "memory_gate_bias")},
-                      "train_seconds": [round(s, 1) for s in r.train_seconds]} for r in results]}
+                      "train_seconds": [round(s, 1) for s in r.train_seconds],
+                      "wall_seconds": round(r.wall_seconds, 1)} for r in results]}
 
 
-def run(preset: dict, argv: list[str]) -> Path:
-    """Train and score every arm; write README.md, results.json, command.txt and the plots into ``preset["out"]``."""
+def run(preset: dict, argv: list[str], names: tuple[str, ...] = ARMS) -> Path:
+    """Train and score the arms ``names`` (default all; any other arm's earlier result with the same preset and
+    config comes from ``out/arms/``); write README.md, results.json, command.txt and the plots into
+    ``preset["out"]``."""
     start = time.perf_counter()
     stream = make_stream(preset)
-    results = run_arms(preset, stream)
+    trained = run_arms(preset, stream, names)
+    earlier = cached_arms(preset, stream, tuple(n for n in ARMS if n not in names)) if names != ARMS else []
+    results = sorted(trained + earlier, key=lambda r: ARMS.index(r.name))
     out = Path(preset["out"])
     out.mkdir(parents=True, exist_ok=True)
     plot_accuracy(results, out / "think_or_know.png")
@@ -319,6 +379,7 @@ def run(preset: dict, argv: list[str]) -> Path:
                               title="per-layer E[n] and memory gate value")
     columns, rows = table_rows(results)
     minutes = (time.perf_counter() - start) / 60
+    arm_minutes = sum(r.wall_seconds for r in results) / 60
     facts = stream.tasks[FAMILIES.index("facts")]
     capacity = out / "capacity.md"
     notes = (f"Stream: p-hop (alphabet {preset['phop_alphabet']}, n = {preset['phop_n']}, p in "
@@ -335,7 +396,11 @@ def run(preset: dict, argv: list[str]) -> Path:
              "the answer positions of held-out rows."
              + (f" The table size comes from [capacity.md](capacity.md)." if capacity.exists() else "")
              + f"\n\nPreset `{preset['preset']}`, seeds {list(preset['seeds'])}, {minutes:.1f} min in all on "
-             f"{jax.devices()[0].platform}. Plots: [think_or_know.png](think_or_know.png), [layers.png](layers.png).")
+             f"{jax.devices()[0].platform}"
+             + (f" for the arms trained by this command ({', '.join(r.name for r in trained)}); the others "
+                f"({', '.join(r.name for r in earlier)}) come from earlier runs of the same preset "
+                f"(`--arms`, results in `arms/`): {arm_minutes:.1f} min of arm wall time in all" if earlier else "")
+             + ". Plots: [think_or_know.png](think_or_know.png), [layers.png](layers.png).")
     return write_results(out, title="think harder or know more: per-layer loops vs memory banks", columns=columns,
                          rows=rows, notes=notes, data=results_data(preset, results, stream),
                          command=shlex.join(["python", "-m", "experiments.think_or_know", *argv]))
@@ -346,12 +411,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = experiment_parser("think_or_know", __doc__, PRESETS)
     parser.add_argument("--capacity", action="store_true",
                         help="measure Base's recall on tables of the preset's capacity_subjects sizes instead")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=None,
+                        help="train only these arms; the table takes the others from earlier runs of the same "
+                             "preset (out/arms/NAME.json), where their preset and config match")
     args = parser.parse_args(argv)
     preset = resolve_preset(args, PRESETS)
     if args.capacity:
         measure_capacity(preset, argv)
         return
-    run(preset, argv)
+    run(preset, argv, tuple(args.arms) if args.arms else ARMS)
 
 
 if __name__ == "__main__":

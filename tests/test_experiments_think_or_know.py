@@ -49,9 +49,13 @@ def test_arms_differ_only_as_described_and_are_matched_within_tolerance(preset):
 
 
 @needs_options
-def test_smoke_run_writes_table_json_and_plots(tmp_path, capsys):
-    tok.main(["--smoke", "--out", str(tmp_path)])
+def test_smoke_run_in_two_parts_writes_table_json_and_plots(tmp_path, capsys):
+    # Two invocations: the second trains the other arms and takes the first's from out/arms/ (same preset, configs).
+    tok.main(["--smoke", "--arms", "Base", "Loop", "IsoFLOP-deep", "--out", str(tmp_path)])
+    assert sorted(p.name for p in (tmp_path / "arms").iterdir()) == ["base.json", "isoflop-deep.json", "loop.json"]
+    tok.main(["--smoke", "--arms", "Mem", "Loop+Mem", "Base-wide", "IsoFLOP-M", "--out", str(tmp_path)])
     readme = (tmp_path / "README.md").read_text()
+    assert "(Base, Loop, IsoFLOP-deep) come from earlier runs" in readme
     header = next(line for line in readme.splitlines() if line.startswith("| arm"))
     for col in ("params", "train FLOPs/token", "phop (%)", "addition (%)", "facts (%)", "mean E[n]"):
         assert col in header
