@@ -31,7 +31,8 @@ def test_arms_differ_only_as_described_and_are_matched_within_tolerance(preset):
     base = arms["Base"]
     params = {name: tok.params_of(cfg) for name, cfg in arms.items()}
     flops = {name: tok.train_flops_per_token(cfg, stream.length) for name, cfg in arms.items()}
-    assert arms["Loop"] == dataclasses.replace(base, layer_loops=p["layer_loops"])
+    assert arms["Loop"] == dataclasses.replace(base, layer_loops=p["layer_loops"],
+                                               layer_loop_scale_init=p["layer_loop_scale_init"])
     assert arms["Loop+Mem"].layer_loops == p["layer_loops"] and arms["Mem"].layer_loops == 1
     for name in ("Mem", "Loop+Mem"):
         assert (arms[name].memory_local_slots, arms[name].memory_global_slots) == (p["memory_local_slots"],
