@@ -15,6 +15,9 @@
     loopjax analyze CHECKPOINT --task phop|addition|igsm|none --out DIR [--set task.KEY=VALUE ...] [--n-loops N]
         [--record-loops N] [--ouro] [--step N] [--examples N] [--seq-len N] [--seed S] [--power-iters N]
         [--q-grid 0.5,0.9] [--eps-grid 0.01,0.001]
+    loopjax lm-eval (RUN_DIR | OURO_DIR) --tasks T1,T2 [--include-path DIR] [--depths 1,2,4,adaptive,adaptive-frozen]
+        [--exit-rule q=0.5] [--limit N] [--batch-size B] [--max-length N] [--num-fewshot K] [--tokenizer T]
+        [--out DIR]      (lm-evaluation-harness tasks at every loop depth, FLOPs per token; .[eval])
     loopjax aot CONFIG_OR_PRESET --topology v5p:2x2x4 [--num-slices N] [--seq S] [--batch B] [--mesh fsdp=16]
         [--json PATH] [--sweep-remat] [--cost fit|full|none] [KEY=VALUE ...]   (TPU compile on a CPU host; .[tpu])
 
@@ -69,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--step", type=int, default=None)
     exp.add_argument("--source", default=None, help="HF folder supplying tokenizer files and non-architecture fields")
+    from loopjax.evaluation.run import add_arguments as lm_eval_arguments
+
+    lm_eval_arguments(sub.add_parser("lm-eval", help="lm-evaluation-harness tasks at every loop depth (.[eval])"))
     from loopjax.aot import add_arguments as aot_arguments
 
     aot_arguments(sub.add_parser("aot", help="compile the train step for a TPU topology: memory, cost, est MFU"))
@@ -446,7 +452,9 @@ def _data_args(data: argparse.ArgumentParser) -> None:
 
 
 def cmd_data(args) -> int:
-    from loopjax.data.prepare import PrepareConfig, prepare, summary
+    import warnings
+
+    from loopjax.data.prepare import EmptyValidationWarning, PrepareConfig, prepare, summary
 
     cfg = PrepareConfig(inputs=tuple(args.inputs), tokenizer=args.tokenizer, out=args.out,
                         text_field=args.text_field, prompt_field=args.prompt_field,
@@ -455,7 +463,9 @@ def cmd_data(args) -> int:
                         eos_token=args.eos_token, skip_bad_lines=args.skip_bad_lines,
                         unit_bytes=max(1, int(args.unit_mb * 1e6)))
     try:
-        manifest = prepare(cfg, progress=False if args.no_progress else None)
+        with warnings.catch_warnings():  # the summary below states it, with its fix
+            warnings.simplefilter("ignore", EmptyValidationWarning)
+            manifest = prepare(cfg, progress=False if args.no_progress else None)
     except ImportError as err:
         raise ValueError(str(err)) from None
     print(summary(manifest), file=sys.stderr)
@@ -463,7 +473,7 @@ def cmd_data(args) -> int:
                       "train_tokens": manifest["splits"]["train"]["tokens"],
                       "val_tokens": manifest["splits"]["val"]["tokens"], "vocab_size":
                       manifest["tokenizer"]["vocab_size"], "replaced_bytes": manifest["replaced_bytes"],
-                      "skipped_lines": manifest["skipped_lines"]}))
+                      "skipped_lines": manifest["skipped_lines"], "skipped_files": manifest.get("skipped_files", 0)}))
     return 0
 
 
@@ -549,7 +559,17 @@ def cmd_aot(args) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
+def cmd_lm_eval(args) -> int:
+    from loopjax.evaluation.run import run_command
+
+    try:
+        return run_command(args)
+    except ImportError as err:
+        print(f"loopjax lm-eval: {err}", file=sys.stderr)
+        return 2
+
+
+COMMANDS = {"lm-eval": cmd_lm_eval, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
             "analyze": cmd_analyze, "data": cmd_data, "aot": cmd_aot}
 
 

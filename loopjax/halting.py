@@ -6,6 +6,7 @@ takes the remainder Π_{j<T}(1 − λ_j). Computed per token in float32, in log 
 Exit rules (``FixedExit``, ``QExit``, ``ACTExit``, ``ConvergenceExit``) are frozen, hashable dataclasses with
 ``fires(t, n_loops, gate_XT, h_prev_XD, h_new_XD) -> bool[...]``, evaluated after 0-based loop ``t``; every rule
 fires at the last loop. Any object with ``needs_gate``, ``validate(n_loops)`` and ``fires`` works as a rule.
+``RowExit`` holds traced per-row values (a depth cap, a QExit threshold): ``generate``'s per-row depth dial.
 
 Executors take a step function ``step_fn(h_BSD) -> (new_h_BSD, out_BSD, gate_BS | None)`` (one application of
 the shared core, as ``LoopedCore.step`` with its other arguments bound) and never import the model:
@@ -192,6 +193,45 @@ class ConvergenceExit:
         new = h_new_XD.astype(jnp.float32)
         delta = jnp.linalg.norm(new - h_prev_XD.astype(jnp.float32), axis=-1)
         return delta < self.eps * jnp.linalg.norm(new, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowExit:
+    """Per-row exit ("reasoning effort per request"): row b reads out at loop ``depth_B[b]`` at the latest, earlier
+    where its own Ouro threshold ``q_B[b]`` (``QExit``) or the shared ``rule`` fires.
+
+    Built inside a jitted function from traced arrays (never a static argument): depth_B int32 [B] in
+    1..n_loops or None, q_B float32 [B] in [0, 1] or None, rule another exit rule or None. Rows are the first
+    axis of the arrays the rule is evaluated on ([B, S] in a prefill, [B, 1] in a decode step).
+    """
+
+    depth_B: jax.Array | None = None
+    q_B: jax.Array | None = None
+    rule: Any = None
+
+    @property
+    def needs_gate(self) -> bool:
+        return self.q_B is not None or bool(getattr(self.rule, "needs_gate", False))
+
+    def validate(self, n_loops: int) -> None:
+        """Values are checked by the caller before tracing (``generate``); the shared rule here."""
+        if self.rule is not None:
+            self.rule.validate(n_loops)
+
+    def fires(self, t, n_loops, gate_XT, h_prev_XD, h_new_XD) -> jax.Array:
+        shape = h_new_XD.shape[:-1]
+
+        def per_row(v_B):
+            return v_B.reshape(v_B.shape[0], *(1,) * (len(shape) - 1))
+
+        out = jnp.zeros(shape, bool)
+        if self.depth_B is not None:
+            out = out | (t + 1 >= per_row(self.depth_B))
+        if self.q_B is not None:
+            out = out | (_gate_at(exit_cdf(gate_XT), t) >= per_row(self.q_B))
+        if self.rule is not None:
+            out = out | self.rule.fires(t, n_loops, gate_XT, h_prev_XD, h_new_XD)
+        return out
 
 
 def validate_exit_rule(rule: Any, n_loops: int, has_gate: bool) -> None:

@@ -121,6 +121,11 @@ class LayerLoop(nnx.Module):
         en = en + p * (jnp.asarray(i, jnp.float32) + 1)
         return acc, log_survive + jax.nn.log_sigmoid(-g), en
 
+    def finish(self, sums: tuple[jax.Array, jax.Array, jax.Array], out_dtype: jnp.dtype
+               ) -> tuple[jax.Array, jax.Array]:
+        """(Σ_t p_t h_t in ``out_dtype``, E[n] float32 [B, S]) from the running sums after the last iteration."""
+        return sums[0].astype(out_dtype), sums[2]
+
     def run(self, step_fn: IterationFn, x_BSD: jax.Array) -> tuple[jax.Array, LayerLoopStats]:
         """All N iterations (training): (Σ_t p_t h_t [B, S, D] in x's dtype, stats)."""
         n = self.n_iterations
@@ -131,10 +136,9 @@ class LayerLoop(nnx.Module):
             h = step_fn(h, scale)
             return (h, self.accumulate(sums, h, i)), None
 
-        (_, (acc, _, en)), _ = jax.lax.scan(body, (x_BSD, self.start(x_BSD)),
-                                            (self.scales(), jnp.arange(n, dtype=jnp.int32)))
-        full = jnp.full(en.shape, n, jnp.int32)
-        return acc.astype(x_BSD.dtype), LayerLoopStats(en, full, jnp.int32(n))
+        (_, sums), _ = jax.lax.scan(body, (x_BSD, self.start(x_BSD)), (self.scales(), jnp.arange(n, dtype=jnp.int32)))
+        out, en = self.finish(sums, x_BSD.dtype)
+        return out, LayerLoopStats(en, jnp.full(en.shape, n, jnp.int32), jnp.int32(n))
 
     def run_adaptive(self, step_fn: IterationFn, x_BSD: jax.Array, threshold: float
                      ) -> tuple[jax.Array, LayerLoopStats]:

@@ -18,7 +18,8 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 COLABS = ROOT / "colabs"
-NOTEBOOKS = ["01_quickstart", "02_adaptive_halting", "03_ouro_inference", "04_fixed_points", "05_think_or_know"]
+NOTEBOOKS = ["01_quickstart", "02_adaptive_halting", "03_ouro_inference", "04_fixed_points", "05_think_or_know",
+             "06_eval_by_depth"]
 MAX_FUNCTION_LINES = 15  # notebooks call the library; longer code belongs in loopjax/
 
 
@@ -41,6 +42,8 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(name, tmp_path, compile_cache
     # tiny programs: XLA's backend optimisations cost more compile time than they save at run time
     env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     env.pop("MPLBACKEND", None)  # the kernel's inline backend, as in Colab
+    # this checkout's packages (loopjax, and experiments: 06 imports the shipped eval tasks, as Colab's clone does)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     # the kernelspec runs "python" from PATH: make it this interpreter, which has loopjax installed
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     before = sorted(p.name for p in COLABS.iterdir())

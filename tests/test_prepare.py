@@ -260,3 +260,60 @@ def test_out_folder_guards(tmp_path):
         prepare(PrepareConfig(inputs=(str(tmp_path / "a.txt"),), tokenizer="bytes", out=out, seed=1))
     with pytest.raises(FileNotFoundError, match="not a prepared corpus"):
         read_manifest(str(tmp_path / "full"))
+
+
+def test_skipped_files_are_counted_and_named_in_the_summary(tmp_path, capsys):
+    """Files of other types in a folder are skipped, counted and the first few named (sorted); hidden files are
+    not listed; a file named directly with an unknown type stays an error."""
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("first document")
+    (root / "b.jsonl").write_text('{"text": "second"}\n{"text": "third"}\n')
+    others = ["NOTES", "data.csv", "sub/x.json", "sub/y.tsv", "sub/z.html", "zz.py"]
+    for name in others:
+        (root / name).write_text("not read")
+    (root / ".hidden").write_text("not listed")
+    out = str(tmp_path / "out")
+    assert main(["data", "prepare", str(root), "--tokenizer", "bytes", "--out", out, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["skipped_files"] == 6 and result["documents"] == 3
+    line = next(l for l in captured.err.splitlines() if l.startswith("files skipped"))
+    named = sorted(str(root / n) for n in others)
+    assert line.endswith(": 6: " + ", ".join(named[:5]) + ", ... (1 more)"), line
+    assert ".hidden" not in captured.err and "warning" not in captured.err
+    manifest = read_manifest(out)
+    assert manifest["skipped_files"] == 6 and manifest["skipped_files_first"] == named[:5]
+    # a glob's other-type matches are skipped and named too; only-skipped inputs say what was skipped
+    assert main(["data", "prepare", str(root / "*.*"), "--tokenizer", "bytes", "--out", str(tmp_path / "o2"),
+                 "--no-progress"]) == 0
+    assert (f"files skipped (not .txt/.md/.jsonl/.jsonl.gz/.parquet): 2: {root / 'data.csv'}, {root / 'zz.py'}\n"
+            in capsys.readouterr().err)
+    assert main(["data", "prepare", str(root / "sub"), "--tokenizer", "bytes", "--out", str(tmp_path / "o3")]) == 2
+    assert (f"no .txt/.md/.jsonl/.jsonl.gz/.parquet file found (skipped 3 files of other types: {root / 'sub/x.json'}, "
+            in capsys.readouterr().err)
+    _fails(tmp_path / "direct", "unknown file type", root / "data.csv")
+
+
+def test_empty_val_split_warns_with_the_fix(tmp_path, capsys):
+    """One document with a val fraction: the val split is empty; prepare warns (library) and the CLI summary says
+    so with the fix; --val-fraction 0 (no val split asked for) and two documents do not warn."""
+    doc = tmp_path / "one.txt"
+    doc.write_text("a single document " * 20)
+    cfg = PrepareConfig(inputs=(str(doc),), tokenizer="bytes", out=str(tmp_path / "lib"), val_fraction=0.01)
+    with pytest.warns(UserWarning, match=r"val split is empty: 1 document with --val-fraction 0.01.*two or more "
+                                         r"documents.*--val-fraction 0"):
+        manifest = prepare(cfg, progress=False)
+    assert manifest["splits"]["val"]["documents"] == 0
+    assert main(["data", "prepare", str(doc), "--tokenizer", "bytes", "--out", str(tmp_path / "cli")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("val split is empty") == 1 and "warning: the val split is empty" in err
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error")
+        prepare(PrepareConfig(inputs=(str(doc),), tokenizer="bytes", out=str(tmp_path / "none"), val_fraction=0.0),
+                progress=False)
+        (tmp_path / "two.txt").write_text("another document")
+        two = prepare(PrepareConfig(inputs=(str(doc), str(tmp_path / "two.txt")), tokenizer="bytes",
+                                    out=str(tmp_path / "two"), val_fraction=0.01), progress=False)
+    assert two["splits"]["val"]["documents"] == 1

@@ -102,6 +102,9 @@ def record(model, tokens_BS: jax.Array, *, n_loops: int | None = None, positions
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("n_loops", "heads", "queries", "logits"))
 def _record(graphdef, state, tokens_BS, positions_BS, attention_mask_BS, *, n_loops, heads, queries, logits):
     model = nnx.merge(graphdef, state)
+    if model.core.layer_loops is not None:  # the recorder replays plain layers; it has no per-iteration record
+        raise ValueError(f"layer_loops={model.cfg.layer_loops}: trajectories of per-layer loops are not recorded "
+                         "(use layer_loops=1, or model(...).layer_expected_n for their depth)")
     e, cos, sin, mask = _setup(model, tokens_BS, positions_BS, attention_mask_BS)
     b, s = tokens_BS.shape
     core_graph, core_state = nnx.split(model.core)

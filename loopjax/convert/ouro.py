@@ -163,11 +163,12 @@ def ouro_exit_rule(hf: dict[str, Any]) -> FixedExit | QExit | None:
 def _check_exportable(cfg: LoopedConfig) -> None:
     wrong = {name: getattr(cfg, name) for name, want in (
         ("norm_scheme", "sandwich"), ("step_norm", True), ("exit_gate", True), ("input_injection", "none"),
-        ("n_prelude", 0), ("n_coda", 0), ("sliding_window", None)) if getattr(cfg, name) != want}
+        ("n_prelude", 0), ("n_coda", 0), ("sliding_window", None), ("layer_loops", 1))
+        if getattr(cfg, name) != want}
     if wrong:
         raise ValueError(f"save_ouro: the Ouro format cannot hold this model: {wrong} must be norm_scheme="
                          "'sandwich', step_norm=True, exit_gate=True, input_injection='none', n_prelude=0, "
-                         "n_coda=0, sliding_window=None")
+                         "n_coda=0, sliding_window=None, layer_loops=1")
 
 
 def hf_ouro_config(cfg: LoopedConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ import numpy as np
 from loopjax.config import _check_float, _check_int, _fail
 
 FORMAT_VERSION = 1
+SHOW_SKIPPED = 5  # skipped files named in the manifest and summary
 SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet")
 SPLITS = ("train", "val")
 _STATE_DIR = ".prepare"
@@ -212,7 +214,14 @@ codecs.register_error("loopjax-count-replace", _count_replace)
 
 def input_files(inputs: Sequence[str]) -> list[str]:
     """Files named by ``inputs`` (files, folders searched recursively for known suffixes, globs); sorted, unique."""
+    return scan_files(inputs)[0]
+
+
+def scan_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(files read, files skipped): a folder's or a glob's files of other types are skipped (hidden files and
+    folders are not listed at all); a file named directly must have a known suffix. Both sorted, unique."""
     found: set[str] = set()
+    skipped: set[str] = set()
     for spec in inputs:
         matches = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
         if not matches:
@@ -222,14 +231,15 @@ def input_files(inputs: Sequence[str]) -> list[str]:
                 for root, dirs, files in os.walk(m):
                     dirs[:] = [d for d in dirs if not d.startswith(".")]
                     found.update(os.path.join(root, f) for f in files if f.endswith(SUFFIXES))
+                    skipped.update(os.path.join(root, f) for f in files
+                                   if not f.endswith(SUFFIXES) and not f.startswith("."))
             elif os.path.isfile(m):
                 if not m.endswith(SUFFIXES) and not glob.has_magic(spec):
                     raise ValueError(f"input {m!r}: unknown file type; must end with one of {SUFFIXES}")
-                if m.endswith(SUFFIXES):
-                    found.add(m)
+                (found if m.endswith(SUFFIXES) else skipped).add(m)
             else:
                 raise FileNotFoundError(f"input {m!r}: no such file or folder")
-    return sorted(found)
+    return sorted(found), sorted(skipped - found)
 
 
 def _decode(data: bytes) -> str:
@@ -304,9 +314,10 @@ def _sha256(path: str) -> str:
 
 def scan_inputs(cfg: PrepareConfig) -> dict:
     """Pass 1: read and validate every input; sources (size, hash, documents), document text sizes, counters."""
-    files = input_files(cfg.inputs)
+    files, skipped_files = scan_files(cfg.inputs)
     if not files:
-        raise ValueError(f"inputs {list(cfg.inputs)}: no {'/'.join(SUFFIXES)} file found")
+        raise ValueError(f"inputs {list(cfg.inputs)}: no {'/'.join(SUFFIXES)} file found"
+                         + (f" (skipped {_named(skipped_files)})" if skipped_files else ""))
     stats = {"skipped_lines": 0, "replaced_bytes": 0}
     _replaced[0] = 0
     sources, sizes = [], []
@@ -318,7 +329,14 @@ def scan_inputs(cfg: PrepareConfig) -> dict:
     stats["replaced_bytes"] = _replaced[0]
     if not sizes:
         raise ValueError(f"inputs {list(cfg.inputs)}: the corpus is empty (no document in {len(files)} file(s))")
-    return {"sources": sources, "doc_bytes": np.asarray(sizes, np.int64), "stats": stats}
+    return {"sources": sources, "doc_bytes": np.asarray(sizes, np.int64), "stats": stats,
+            "skipped_files": skipped_files}
+
+
+def _named(paths: Sequence[str], first: int = SHOW_SKIPPED) -> str:
+    """"3 files of other types: a, b, c" naming at most ``first`` of them."""
+    more = f", ... ({len(paths) - first} more)" if len(paths) > first else ""
+    return f"{len(paths)} file{'s' if len(paths) != 1 else ''} of other types: {', '.join(paths[:first])}{more}"
 
 
 def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -571,6 +589,8 @@ def prepare(cfg: PrepareConfig, *, progress: bool | None = None) -> dict:
         "tokens": splits["train"]["tokens"] + splits["val"]["tokens"],
         "splits": splits,
         "skipped_lines": scan["stats"]["skipped_lines"],
+        "skipped_files": len(scan["skipped_files"]),
+        "skipped_files_first": scan["skipped_files"][:SHOW_SKIPPED],
         "replaced_bytes": scan["stats"]["replaced_bytes"],
     }
     if tok.path is not None:  # keep the tokenizer beside the corpus so it can be detokenised on its own
@@ -578,7 +598,27 @@ def prepare(cfg: PrepareConfig, *, progress: bool | None = None) -> dict:
         os.replace(os.path.join(cfg.out, "tokenizer.json.tmp"), os.path.join(cfg.out, "tokenizer.json"))
     _write_json(manifest_path, manifest)  # the commit point
     shutil.rmtree(state, ignore_errors=True)
+    hint = empty_val_hint(manifest)
+    if hint:
+        warnings.warn(hint, EmptyValidationWarning, stacklevel=2)
     return manifest
+
+
+class EmptyValidationWarning(UserWarning):
+    """``prepare`` held out a validation fraction but the val split came out empty."""
+
+
+def empty_val_hint(manifest: dict) -> str | None:
+    """The warning, with its fix, for a corpus asked to hold out a val split that has none; else None."""
+    fraction = manifest["arguments"].get("val_fraction", 0)
+    if manifest["splits"]["val"]["documents"] or not fraction:
+        return None
+    n = manifest["documents"]
+    return (f"the val split is empty: {n} document{'s' if n != 1 else ''} with --val-fraction {fraction} holds "
+            "none out (the split is by whole document), so `loopjax eval --data` and validation during training "
+            "have nothing to score; fix: give two or more documents (a .txt/.md file is one document, a .jsonl "
+            "line or parquet row is one), e.g. split the text into several files or jsonl records; or pass "
+            "--val-fraction 0 to prepare without a val split")
 
 
 def summary(manifest: dict) -> str:
@@ -592,4 +632,13 @@ def summary(manifest: dict) -> str:
         lines.append(f"undecodable bytes replaced by U+FFFD: {manifest['replaced_bytes']}")
     if manifest["skipped_lines"]:
         lines.append(f"bad lines skipped: {manifest['skipped_lines']}")
+    if manifest.get("skipped_files"):
+        shown = manifest["skipped_files_first"]
+        extra = manifest["skipped_files"] - len(shown)
+        more = f", ... ({extra} more)" if extra > 0 else ""
+        lines.append(f"files skipped (not {'/'.join(SUFFIXES)}): {manifest['skipped_files']}: "
+                     f"{', '.join(shown)}{more}")
+    hint = empty_val_hint(manifest)
+    if hint:
+        lines.append(f"warning: {hint}")
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """A static, preallocated KV cache across loop steps, and the writes that fill it.
 
 Layout (as Ouro's ``UniversalTransformerCache``): the core cache has one slot per (loop step t, core layer l);
-slot ``t * k + l`` holds the keys (after rotary) and values of step t, layer l, for every cached token. The
+slot ``t * k + l`` holds the keys (after rotary) and values of step t, layer l, for every cached token. With
+per-layer loops (``cfg.layer_loops`` N > 1) every iteration i of a core layer has a slot of its own: slot
+``(t * k + l) * N + i`` (``slots_per_step`` = k·N slots per loop step, in (layer, iteration) order). The
 prelude and the coda (layers run once per token) have one slot per layer. Shapes: N slots, B batch, C cache
 length, K kv heads, H head dim. Each slot is its own array [B·K, C, H]: HF's [batch, kv heads, seq, head dim]
 with (row, kv head) merged, row-major (``stacked`` gives the [N, B, K, C, H] view). So a decode step's
@@ -85,9 +87,14 @@ def stacked(slots: tuple[jax.Array, ...], batch: int) -> jax.Array:
     return jnp.stack(slots).reshape(len(slots), batch, -1, *slots[0].shape[1:])
 
 
+def slots_per_step(cfg: LoopedConfig) -> int:
+    """Core cache slots of one loop step: one per (core layer, per-layer iteration)."""
+    return cfg.n_layers * cfg.layer_loops
+
+
 def core_slots(cfg: LoopedConfig, n_loops: int, kv_mode: str) -> int:
     """Number of core cache slots for a KV mode."""
-    return cfg.n_layers if kv_mode == "last_step" else n_loops * cfg.n_layers
+    return slots_per_step(cfg) if kv_mode == "last_step" else n_loops * slots_per_step(cfg)
 
 
 def init_cache(cfg: LoopedConfig, batch: int, capacity: int, *, n_loops: int, kv_mode: str) -> KVCache:
@@ -124,7 +131,8 @@ def fill_skipped_steps(slots: tuple[jax.Array, ...], n_layers: int, index, deepe
                        ) -> tuple[jax.Array, ...]:
     """Per-step cache: at cache index ``index``, copy each row's deepest computed step into the steps it skipped.
 
-    slots: the T * n_layers core slots [B·K, C, H] (slot t*k + l). deepest_B: the 1-based last step the row
+    slots: the T * n_layers core slots [B·K, C, H] (slot t*k + l; with per-layer loops pass n_layers =
+    ``slots_per_step``). deepest_B: the 1-based last step the row
     computed (0 leaves the row unchanged).
     """
     bk, _, h = slots[0].shape

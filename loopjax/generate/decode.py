@@ -4,6 +4,10 @@ Both are pure functions of a merged ``LoopedLM`` (called inside ``jax.jit``) bui
 ``Attention.project`` / ``attend``, ``DecoderLayer.attn_residual`` / ``mlp_residual``, ``LoopedCore.inject`` /
 ``norm`` / ``gate``, ``LoopedLM.embed_tokens`` / ``head``, so cached decoding computes what ``LoopedLM.__call__``
 computes. Shapes: B batch, S prompt length, C cache length, D d_model, V vocab, T loop steps.
+
+Per-layer loops (``cfg.layer_loops`` N > 1): every token runs all N iterations of every core layer, in prefill and
+in decoding (no per-layer early exit while decoding), each iteration's keys and values in a cache slot of its own
+(``cache.slots_per_step``), so cached decoding computes the no-cache forward without ``layer_exit_threshold``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from loopjax.generate.cache import KVCache, constrain, fill_skipped_steps, write_slot, write_slot_rows
+from loopjax.generate.cache import (KVCache, constrain, fill_skipped_steps, slots_per_step, write_slot,
+                                    write_slot_rows)
 from loopjax.halting import rule_fires
 from loopjax.attention import TokenLayout, attend_cache_slot, visible_mask
 from loopjax.layers import Attention, DecoderLayer, rope_cos_sin
@@ -35,11 +40,11 @@ class StepOutput:
     n_iterations: jax.Array
 
 
-def _layer_chunk(layer: DecoderLayer, x_BSD, cos, sin, layout: TokenLayout):
+def _layer_chunk(layer: DecoderLayer, x_BSD, cos, sin, layout: TokenLayout, scale=None):
     """A decoder layer over a whole chunk attending to itself; also returns its k and v [B, S, K, H]."""
     q, k, v = layer.attn.project(layer.norm_in(x_BSD), cos, sin)
-    x_BSD = layer.attn_residual(x_BSD, layer.attn.attend(q, k, v, layout))
-    return layer.mlp_residual(x_BSD), k, v
+    x_BSD = layer.attn_residual(x_BSD, layer.attn.attend(q, k, v, layout), scale)
+    return layer.mlp_residual(x_BSD, scale), k, v
 
 
 def attend_cached(attn: Attention, q_B1NH: jax.Array, k_XCH: jax.Array, v_XCH: jax.Array, visible_BC: jax.Array,
@@ -51,21 +56,37 @@ def attend_cached(attn: Attention, q_B1NH: jax.Array, k_XCH: jax.Array, v_XCH: j
     return out.reshape(b, 1, n * h) @ attn.wo[...].reshape(n * h, -1).astype(out.dtype)
 
 
-def _layer_cached(layer: DecoderLayer, x_B1D, cos, sin, mask_BC, ck_XCH, cv_XCH, index, rows_B):
+def _layer_cached(layer: DecoderLayer, x_B1D, cos, sin, mask_BC, ck_XCH, cv_XCH, index, rows_B, scale=None):
     """A decoder layer for one new token per row: stores its KV at cache ``index`` of one slot (rows where
     ``rows_B``), then attends to that slot (entries where ``mask_BC``). Returns the new x and the updated slot."""
     q, k, v = layer.attn.project(layer.norm_in(x_B1D), cos, sin)
     ck_XCH, cv_XCH = write_slot_rows(ck_XCH, index, k, rows_B), write_slot_rows(cv_XCH, index, v, rows_B)
-    x_B1D = layer.attn_residual(x_B1D, attend_cached(layer.attn, q, ck_XCH, cv_XCH, mask_BC))
-    return layer.mlp_residual(x_B1D), ck_XCH, cv_XCH
+    x_B1D = layer.attn_residual(x_B1D, attend_cached(layer.attn, q, ck_XCH, cv_XCH, mask_BC), scale)
+    return layer.mlp_residual(x_B1D, scale), ck_XCH, cv_XCH
 
 
-def _layer_own_kv(layer: DecoderLayer, x_B1D, cos, sin, mask_BC, ck_XCH, cv_XCH):
+def _layer_own_kv(layer: DecoderLayer, x_B1D, cos, sin, mask_BC, ck_XCH, cv_XCH, scale=None):
     """A decoder layer for one new token per row that leaves the slot untouched: attends to the slot's entries
     where ``mask_BC`` plus its own KV. Returns the new x and the token's k and v [B, 1, K, H] to write later."""
     q, k, v = layer.attn.project(layer.norm_in(x_B1D), cos, sin)
-    x_B1D = layer.attn_residual(x_B1D, attend_cached(layer.attn, q, ck_XCH, cv_XCH, mask_BC, (k, v)))
-    return layer.mlp_residual(x_B1D), k, v
+    x_B1D = layer.attn_residual(x_B1D, attend_cached(layer.attn, q, ck_XCH, cv_XCH, mask_BC, (k, v)), scale)
+    return layer.mlp_residual(x_B1D, scale), k, v
+
+
+def _core_layer(core, l: int, x_BSD: jax.Array, iteration) -> jax.Array:
+    """Core layer ``l`` on ``x`` with all its per-layer iterations, unrolled: ``iteration(j, layer, h, scale)``
+    runs one of them (j = l·N + i, its slot within a loop step; scale None without per-layer loops) and the
+    layer's output is their expectation (``LayerLoop``), as ``LoopedCore.core_layer`` computes."""
+    layer = core.layers[l]
+    if core.layer_loops is None:
+        return iteration(l, layer, core.inject_memory(x_BSD), None)
+    loop = core.layer_loops[l]
+    n, scales = loop.n_iterations, loop.scales()
+    sums, h = loop.start(x_BSD), x_BSD
+    for i in range(n):
+        h = iteration(l * n + i, layer, core.inject_memory(h), scales[i])
+        sums = loop.accumulate(sums, h, i)
+    return loop.finish(sums, x_BSD.dtype)[0]
 
 
 def _head(model, x_BD: jax.Array) -> jax.Array:
@@ -84,8 +105,9 @@ def _select(fires, open_, out_new, out_sel, exit_step, t):
     return out_sel, exit_step, open_ & ~fires
 
 
-def _core_slot(kv_mode: str, n_layers: int, t, l: int):
-    return l if kv_mode == "last_step" else t * n_layers + l
+def _core_slot(kv_mode: str, per_step: int, t, j: int):
+    """Cache slot of layer-iteration j (of ``per_step``) at loop step t."""
+    return j if kv_mode == "last_step" else t * per_step + j
 
 
 def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, n_loops: int, kv_mode: str,
@@ -97,7 +119,7 @@ def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, 
     only selects each token's read-out step, which feeds the coda and, for the last token, the logits.
     """
     cfg, core = model.cfg, model.core
-    n_layers = cfg.n_layers
+    n_layers, per_step = cfg.n_layers, slots_per_step(cfg)
     s = tokens_BS.shape[1]
     mask_BS = mask_BS.astype(bool)
     pos_BS = jnp.maximum(jnp.cumsum(mask_BS, axis=1) - 1, 0).astype(jnp.int32)
@@ -113,9 +135,13 @@ def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, 
         h, out_sel, open_, exit_step, gates = carry
         x = core.inject(h, e)
         kv = []
-        for layer in core.layers:
-            x, k, v = _layer_chunk(layer, x, cos, sin, layout)
+
+        def chunk(j, layer, x, scale):
+            x, k, v = _layer_chunk(layer, x, cos, sin, layout, scale)
             kv.append((k, v))
+            return x
+        for l in range(n_layers):
+            x = _core_layer(core, l, x, chunk)
         out = core.norm(x)
         new_h = out if cfg.step_norm else x
         if core.gate is not None:
@@ -130,8 +156,8 @@ def prefill(model, tokens_BS: jax.Array, mask_BS: jax.Array, cache: KVCache, *, 
     (_, out_sel, _, exit_BS, _), kv_T = jax.lax.scan(step, carry, jnp.arange(n_loops))
     ck, cv = list(cache.core_k), list(cache.core_v)
     for t in range(n_loops) if kv_mode != "last_step" else (n_loops - 1,):  # last_step keeps the last step only
-        for l, (k_T, v_T) in enumerate(kv_T):
-            slot = _core_slot(kv_mode, n_layers, t, l)
+        for j, (k_T, v_T) in enumerate(kv_T):
+            slot = _core_slot(kv_mode, per_step, t, j)
             ck[slot], cv[slot] = write_slot(ck[slot], 0, k_T[t]), write_slot(cv[slot], 0, v_T[t])
 
     x = out_sel
@@ -164,7 +190,7 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
     each row's deepest KV for the steps it skipped). In "compute_all", and with no rule, every step runs.
     """
     cfg, core = model.cfg, model.core
-    n_layers = cfg.n_layers
+    n_layers, per_step = cfg.n_layers, slots_per_step(cfg)
     idx = cache.length
     pos_B1 = cache.next_pos_B[:, None]
     positions_BC = jax.lax.dynamic_update_slice(cache.positions_BC, pos_B1, (0, idx))
@@ -182,12 +208,12 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
     adaptive = exit_rule is not None and kv_mode != "compute_all"
 
     def run_step(t, state, layer_fn):
-        """Loop step t (static: every layer names its slot, read in place); ``layer_fn(l, layer, x)`` runs core
-        layer l and handles its cache slot."""
+        """Loop step t (static: every layer names its slot, read in place); ``layer_fn(j, layer, x, scale)`` runs
+        layer-iteration j of the step (``_core_layer``) and handles its cache slot."""
         h, out_sel, open_, exit_step, gates, n_iter = state
         x = core.inject(h, e)
-        for l, layer in enumerate(core.layers):
-            x = layer_fn(l, layer, x)
+        for l in range(n_layers):
+            x = _core_layer(core, l, x, layer_fn)
         out = core.norm(x)
         new_h = out if cfg.step_norm else x
         if core.gate is not None:
@@ -203,13 +229,13 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
     # adaptive steps attend to the entries cached before this token plus its own KV (``_layer_own_kv``)
     mask_cached_BC = visible_mask(pos_B1, cache.positions_BC, sliding_window=cfg.sliding_window,
                                   kv_valid_BT=cache.valid_BC)[:, 0]
-    no_kv = tuple((jnp.zeros((b, 1, cfg.kv_heads, cfg.d_head), ck[0].dtype),) * 2 for _ in range(n_layers))
+    no_kv = tuple((jnp.zeros((b, 1, cfg.kv_heads, cfg.d_head), ck[0].dtype),) * 2 for _ in range(per_step))
     for t in range(n_loops):
-        slots_t = [_core_slot(kv_mode, n_layers, t, l) for l in range(n_layers)]
+        slots_t = [_core_slot(kv_mode, per_step, t, j) for j in range(per_step)]
         if not adaptive:
-            def write_and_attend(l, layer, x, slots_t=slots_t):
-                i = slots_t[l]
-                x, ck[i], cv[i] = _layer_cached(layer, x, cos, sin, mask_BC, ck[i], cv[i], idx, live_B)
+            def write_and_attend(j, layer, x, scale, slots_t=slots_t):
+                i = slots_t[j]
+                x, ck[i], cv[i] = _layer_cached(layer, x, cos, sin, mask_BC, ck[i], cv[i], idx, live_B, scale)
                 return x
             state = run_step(t, state, write_and_attend)
             continue
@@ -219,8 +245,8 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
         def step_kv(state, t=t, slots_t=slots_t):
             new_kv = []
 
-            def attend(l, layer, x):
-                x, k, v = _layer_own_kv(layer, x, cos, sin, mask_cached_BC, ck[slots_t[l]], cv[slots_t[l]])
+            def attend(j, layer, x, scale):
+                x, k, v = _layer_own_kv(layer, x, cos, sin, mask_cached_BC, ck[slots_t[j]], cv[slots_t[j]], scale)
                 new_kv.append((k, v))
                 return x
             state = run_step(t, state, attend)
@@ -232,8 +258,8 @@ def decode_step(model, cache: KVCache, tokens_B: jax.Array, live_B: jax.Array, *
             ck[i], cv[i] = write_slot_rows(ck[i], idx, k, rows), write_slot_rows(cv[i], idx, v, rows)
     _, out_sel, _, exit_B1, _, n_iter = state
     if adaptive and kv_mode == "per_step":
-        ck = fill_skipped_steps(tuple(ck), n_layers, idx, exit_B1[:, 0])
-        cv = fill_skipped_steps(tuple(cv), n_layers, idx, exit_B1[:, 0])
+        ck = fill_skipped_steps(tuple(ck), per_step, idx, exit_B1[:, 0])
+        cv = fill_skipped_steps(tuple(cv), per_step, idx, exit_B1[:, 0])
 
     x = out_sel
     dk, dv = list(cache.coda_k), list(cache.coda_v)

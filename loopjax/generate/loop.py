@@ -20,7 +20,7 @@ from flax import nnx
 
 from loopjax.generate import decode
 from loopjax.generate.cache import KV_MODES, KVCache, init_cache
-from loopjax.halting import validate_exit_rule
+from loopjax.halting import RowExit, validate_exit_rule
 from loopjax.partitioning import active_rules
 from loopjax.generate.sampling import Sampling, as_sampling, sample, sampling_args
 
@@ -94,6 +94,34 @@ def _check_prompt(prompt_BS, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     return prompt.astype(np.int32), mask
 
 
+def _check_rows(model, rows: int, n_loops: int, row_loops, row_q, exit_rule) -> tuple[Any, Any]:
+    """Concrete per-row depth [B] int32 / threshold [B] float32 (None where not given), validated."""
+    depth = q = None
+    if row_loops is not None:
+        depth = np.asarray(row_loops)
+        if depth.shape != (rows,) or not (np.issubdtype(depth.dtype, np.integer) and depth.dtype != bool):
+            raise ValueError(f"row_loops: must be {rows} ints (one per prompt row), got dtype {depth.dtype} "
+                             f"shape {depth.shape}")
+        bad = np.flatnonzero((depth < 1) | (depth > n_loops))
+        if bad.size:
+            raise ValueError(f"row_loops={depth.tolist()}: rows {bad.tolist()} are outside 1..n_loops={n_loops} "
+                             "(pass n_loops >= the deepest row)")
+        depth = depth.astype(np.int32)
+    if row_q is not None:
+        q = np.asarray(row_q)
+        if q.shape != (rows,) or not np.issubdtype(q.dtype, np.number) or q.dtype == bool:
+            raise ValueError(f"row_q: must be {rows} floats (one per prompt row), got dtype {q.dtype} shape {q.shape}")
+        bad = np.flatnonzero(~((q >= 0) & (q <= 1)))
+        if bad.size:
+            raise ValueError(f"row_q={q.tolist()}: rows {bad.tolist()} are outside [0, 1]")
+        if not model.cfg.exit_gate:
+            raise ValueError("row_q: a per-row QExit threshold needs the exit gate (LoopedConfig.exit_gate=True)")
+        if exit_rule is not None:
+            raise ValueError(f"row_q with exit_rule={exit_rule!r}: pass one threshold rule, not both")
+        q = q.astype(np.float32)
+    return depth, q
+
+
 def _sizes(cfg, s: int, n: int, cache_len: int | None) -> tuple[int, int, int]:
     """(padded prompt length, token buffer length, cache capacity) for a prompt of s tokens and n new ones."""
     limit = cfg.max_seq_len if cache_len is None else cache_len
@@ -161,10 +189,13 @@ def decode_step(model, cache: KVCache, tokens_B, *, live_B=None, n_loops: int | 
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("greedy", "n_buf", "capacity", "return_logits"))
-def _generate_jit(graphdef, state, tokens_BS, mask_BS, max_new, key, stop_ids, pad_id, sampling_args, *, n_loops,
-                  kv_mode, exit_rule, rules, greedy, n_buf, capacity, return_logits):
+def _generate_jit(graphdef, state, tokens_BS, mask_BS, max_new, key, stop_ids, pad_id, sampling_args,
+                  row_loops=None, row_q=None, *, n_loops, kv_mode, exit_rule, rules, greedy, n_buf, capacity,
+                  return_logits):
     model = nnx.merge(graphdef, state)
     b = tokens_BS.shape[0]
+    if row_loops is not None or row_q is not None:  # traced per-row values: one program for every mix of them
+        exit_rule = RowExit(depth_B=row_loops, q_B=row_q, rule=exit_rule)
     cache = init_cache(model.cfg, b, capacity, n_loops=n_loops, kv_mode=kv_mode)
     cache, out = decode.prefill(model, tokens_BS, mask_BS, cache, n_loops=n_loops, kv_mode=kv_mode,
                                 exit_rule=exit_rule)
@@ -203,7 +234,8 @@ def _generate_jit(graphdef, state, tokens_BS, mask_BS, max_new, key, stop_ids, p
 def generate(model, prompt_BS, max_new_tokens: int, *, attention_mask=None, exit_rule: Any = None,
              kv_mode: str = "per_step", sampling: Sampling | str | dict | None = "greedy",
              stop_tokens: Sequence[int] | int | None = None, seed: int = 0, n_loops: int | None = None,
-             pad_token_id: int = 0, cache_len: int | None = None, return_logits: bool = False) -> GenerateOutput:
+             pad_token_id: int = 0, cache_len: int | None = None, return_logits: bool = False, row_loops=None,
+             row_q=None) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens per row after a (left-padded) prompt, in one device dispatch.
 
     prompt_BS: int [B, S]; attention_mask: [B, S] 1 = token, 0 = left padding (positions are cumsum(mask) − 1,
@@ -217,6 +249,13 @@ def generate(model, prompt_BS, max_new_tokens: int, *, attention_mask=None, exit
       early once every row has stopped.
     n_loops: loop steps T (default ``cfg.n_loops``); cache_len: cache capacity (default: the bucketed
       prompt + new length, at most ``cfg.max_seq_len``); return_logits: also return the [B, N, V] logits.
+    row_loops: per-row depth dial, [B] ints in 1..n_loops: row b reads every token out at loop ``row_loops[b]``
+      (earlier where ``exit_rule`` fires), in the same compiled program for any mix of depths. Each row generates
+      what it generates alone with ``exit_rule=FixedExit(row_loops[b])``; in "per_step" and "compute_all" that
+      is also what it generates alone with ``n_loops=row_loops[b]`` (loop t never reads a deeper loop's KV).
+      In "last_step" the prompt keeps its loop-``n_loops`` KV, as under any exit rule.
+    row_q: per-row Ouro threshold, [B] floats in [0, 1] (``QExit(row_q[b])`` for row b; needs the exit gate, and
+      exit_rule None); with row_loops, a row exits at whichever comes first.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
@@ -234,6 +273,7 @@ def generate(model, prompt_BS, max_new_tokens: int, *, attention_mask=None, exit
     if stop_tokens and ((stop < 0) | (stop >= vocab)).any():
         raise ValueError(f"stop_tokens={tuple(stop_tokens)!r}: must be token ids in [0, {vocab})")
     prompt, mask = _check_prompt(prompt_BS, attention_mask)
+    row_loops, row_q = _check_rows(model, prompt.shape[0], n_loops, row_loops, row_q, exit_rule)
     if ((prompt < 0) | (prompt >= vocab))[mask].any():
         raise ValueError(f"prompt_BS: token ids must be in [0, {vocab})")
     b, s = prompt.shape
@@ -244,9 +284,9 @@ def generate(model, prompt_BS, max_new_tokens: int, *, attention_mask=None, exit
     graphdef, state = nnx.split(model)
     out = _generate_jit(graphdef, state, jnp.asarray(prompt), jnp.asarray(mask), jnp.asarray(max_new_tokens, jnp.int32),
                         jax.random.key(seed), jnp.asarray(stop), jnp.asarray(pad_token_id, jnp.int32),
-                        sampling_args(sampling), n_loops=n_loops, kv_mode=kv_mode, exit_rule=exit_rule,
-                        rules=active_rules(),
-                        greedy=sampling.greedy, n_buf=n_buf,
+                        sampling_args(sampling), None if row_loops is None else jnp.asarray(row_loops),
+                        None if row_q is None else jnp.asarray(row_q), n_loops=n_loops, kv_mode=kv_mode,
+                        exit_rule=exit_rule, rules=active_rules(), greedy=sampling.greedy, n_buf=n_buf,
                         capacity=capacity, return_logits=return_logits)
     n = max_new_tokens
     return GenerateOutput(tokens=out.tokens[:, :n], exit_steps=out.exit_steps[:, :n], n_iterations=out.n_iterations[:n],
