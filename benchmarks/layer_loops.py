@@ -123,8 +123,9 @@ def python_for_loop_iterations():
 
 def bench_scan(args) -> list[dict]:
     """Loop+Mem train step (value_and_grad + SGD update): scan over iterations vs a Python for-loop, tokens/s."""
-    cfg = dataclasses.replace(base_config(args), layer_loops=args.n, memory_local_slots=args.local_slots,
-                              memory_global_slots=args.global_slots)
+    memory = (dict(memory_local_slots=args.local_slots, memory_global_slots=args.global_slots)
+              if args.local_slots or args.global_slots else {})
+    cfg = dataclasses.replace(base_config(args), layer_loops=args.n, **memory)
     graphdef, state = nnx.split(lj.LoopedLM(cfg, rngs=nnx.Rngs(0)))
     tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, cfg.vocab_size)
 
@@ -147,7 +148,7 @@ def bench_scan(args) -> list[dict]:
     rows = [dict(version=name, compile_s=compile_s[name], step_ms_min=1e3 * t, step_ms_median=1e3 * med,
                  tokens_per_s=tokens_per_step / t, loss=loss)
             for (name, (t, med)), loss in zip(zip(fns, timed), (loss_scan, loss_loop))]
-    print(f"\nLoop+Mem: {args.layers} layers, N={args.n}, d_model {args.d_model}, {args.local_slots}/"
+    print(f"\n{'Loop+Mem' if memory else 'Loop'}: {args.layers} layers, N={args.n}, d_model {args.d_model}, {args.local_slots}/"
           f"{args.global_slots} slots, batch {args.batch} x {args.seq}, {jax.devices()[0].platform}; "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| version | compile (s) | step ms (min) | step ms (median) | train tokens/s (min step) | loss |")
