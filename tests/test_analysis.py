@@ -272,6 +272,12 @@ def test_plots_write_nonempty_pngs(tmp_path):
                                    n_loops=4, per_line=6),
         plots.plot_pareto([_point("a", "r1", 0.5, 10.0), _point("a", "r2", 0.7, 20.0),
                            _point("b", "r1", 0.6, 15.0)], tmp_path / "pareto.png"),
+        plots.plot_layer_specialisation(
+            {"Base": {"expected_steps": None, "gate_local": None, "gate_global": None},
+             "Loop": {"expected_steps": rng.uniform(1, 3, 4).tolist(), "gate_local": None, "gate_global": None},
+             "Loop+Mem": {"expected_steps": rng.uniform(1, 3, 4).tolist(), "gate_local": rng.uniform(0, 1, 4),
+                          "gate_global": rng.uniform(0, 1, 4)}}, tmp_path / "layers.png"),
+        plots.plot_layer_specialisation({"Base": {"expected_steps": None}}, tmp_path / "none.png"),
     ]
     for path in paths:
         data = path.read_bytes()

@@ -20,7 +20,8 @@ from loopjax.data import PHop
 OURO = "tests/data/ouro"
 SMOKE = fixed_points.PRESETS["smoke"]
 TOP_KEYS = {"name", "command", "revision", "date", "model", "inputs", "n_loops", "record_loops", "convergence",
-            "attention_change", "logit_lens", "contraction", "exit_depth", "efficiency", "files"}
+            "attention_change", "logit_lens", "contraction", "exit_depth", "efficiency", "layer_specialisation",
+            "files"}
 
 
 def _finite_leaves(x, path="result"):
@@ -129,3 +130,33 @@ def test_fixed_points_smoke_end_to_end(tmp_path):
         assert set(saved) == TOP_KEYS
         assert (out / subject / PLOTS["trajectory"]).is_file()
     assert (out / "phop" / PLOTS["pareto"]).is_file() and not (out / "ouro" / PLOTS["pareto"]).exists()
+
+
+needs_options = pytest.mark.skipif(
+    not {"layer_loops", "memory_local_slots"} <= set(lj.LoopedConfig.__dataclass_fields__),
+    reason="needs issue 29's model options (LoopedConfig.layer_loops, memory_*)")
+
+
+@needs_options
+def test_analyze_reports_layer_specialisation_of_per_layer_loops_and_memory(tmp_path):
+    task = PHop(alphabet=3, n=8, hops=(1,))
+    bias = 0.7
+    cfg = lj.LoopedConfig(vocab_size=task.vocab_size, d_model=16, n_heads=2, d_ff=32, n_layers=2, n_loops=1,
+                          max_seq_len=task.length, exit_gate=False, layer_loops=3, memory_local_slots=4,
+                          memory_global_slots=2, memory_gate_bias=bias)
+    model = lj.LoopedLM(cfg, rngs=nnx.Rngs(3))
+    result = analyze(model, task=task, out_dir=tmp_path, record_loops=2, examples=8, record_rows=2,
+                     power_iters=2, q_grid=(), eps_grid=(0.1,))
+    spec = result["layer_specialisation"]
+    assert len(spec["expected_steps"]) == 2 and all(1 <= e <= 3 for e in spec["expected_steps"])
+    # gate weights start at zero: every gate value is sigmoid(bias) (to float32 rounding), in every layer and bank
+    expected = 1 / (1 + math.exp(-bias))
+    np.testing.assert_allclose(spec["gate_local"], [expected] * 2, rtol=2e-5)
+    np.testing.assert_allclose(spec["gate_global"], [expected] * 2, rtol=2e-5)
+    assert PLOTS["layers"] in result["files"] and (tmp_path / PLOTS["layers"]).read_bytes()[:4] == b"\x89PNG"
+    assert "## Layer specialisation" in (tmp_path / "README.md").read_text()
+    base = analyze(lj.LoopedLM(lj.LoopedConfig(vocab_size=task.vocab_size, d_model=16, n_heads=2, d_ff=32,
+                                               n_layers=2, n_loops=2, max_seq_len=task.length, exit_gate=False),
+                               rngs=nnx.Rngs(3)), task=task, out_dir=tmp_path / "base", examples=8, record_rows=2,
+                   power_iters=2, q_grid=(), eps_grid=(0.1,))
+    assert base["layer_specialisation"] is None and PLOTS["layers"] not in base["files"]

@@ -18,7 +18,8 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 COLABS = ROOT / "colabs"
-NOTEBOOKS = ["01_quickstart", "02_adaptive_halting", "03_ouro_inference", "04_fixed_points", "06_eval_by_depth"]
+NOTEBOOKS = ["01_quickstart", "02_adaptive_halting", "03_ouro_inference", "04_fixed_points", "05_think_or_know",
+             "06_eval_by_depth"]
 MAX_FUNCTION_LINES = 15  # notebooks call the library; longer code belongs in loopjax/
 
 

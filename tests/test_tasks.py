@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopjax.data.tasks import IGSM, Addition, Example, PHop, Recall, answer_correct, lm_arrays
+from loopjax.data.tasks import IGSM, Addition, Example, FactTable, Mixture, PHop, Recall, answer_correct, lm_arrays
 from loopjax.data.tasks.addition import BOS, EOS, display
 from loopjax.data.tasks.igsm import analyse, prefix_values
 from loopjax.data.tasks.phop import find_1, hop_chain, hop_p, prefix_hops
@@ -375,8 +375,89 @@ def test_recall_rejects_bad_sizes():
 
 # ---- shared layout and determinism ----------------------------------------------------------------------------------
 
+# ---- fact table and mixture ----------------------------------------------------------------------------------------
+
+
+def test_fact_table_is_fixed_by_table_seed_and_spells_distinct_subjects_with_shared_syllables():
+    t = FactTable(n_subjects=50, n_relations=3, n_objects=7, subject_tokens=2, n_syllables=9, table_seed=4)
+    again = FactTable(n_subjects=50, n_relations=3, n_objects=7, subject_tokens=2, n_syllables=9, table_seed=4)
+    other = dataclasses.replace(t, table_seed=5)
+    np.testing.assert_array_equal(t.objects, again.objects)
+    assert not np.array_equal(t.objects, other.objects)
+    assert len({tuple(s) for s in t.subjects.tolist()}) == 50
+    assert t.subjects.max() < 9 and t.objects.max() < 7
+    assert np.bincount(t.subjects[:, 0]).max() > 1  # a syllable alone does not name a subject
+    ex = t.fact(11, 2)
+    assert t.decode(ex.prompt) == "<bos> " + " ".join(f"s{s}" for s in t.subjects[11]) + " R2"
+    assert ex.answer.tolist() == [t.objects[11, 2]]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seeds, st.integers(0, 3))
+def test_fact_table_one_pass_visits_every_fact_once_and_checker_agrees(seed, passes):
+    t = FactTable(n_subjects=12, n_relations=2, n_objects=5, subject_tokens=3, n_syllables=3)
+    start = passes * t.n_facts
+    prompts = [tuple(t.example(seed, i).prompt.tolist()) for i in range(start, start + t.n_facts)]
+    assert len(set(prompts)) == t.n_facts
+    assert all(t.check(t.example(seed, i)) for i in range(start, start + t.n_facts))
+
+
+def test_fact_table_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="n_subjects"):
+        FactTable(n_subjects=17, subject_tokens=2, n_syllables=4)  # 4**2 = 16 spellings
+    with pytest.raises(ValueError, match="n_objects"):
+        FactTable(n_objects=1)
+    with pytest.raises(ValueError, match="subject_tokens"):
+        FactTable(subject_tokens=0)
+
+
+def _mix(**kw):
+    return Mixture((PHop(alphabet=3, n=10, hops=(1, 2)), Addition(n_terms=(2, 3), digits=2),
+                    FactTable(n_subjects=20, n_syllables=6)), ("phop", "addition", "facts"), **kw)
+
+
+def test_mixture_members_live_in_disjoint_vocab_slices_and_rows_are_the_members_rows_shifted():
+    mix = _mix(weights=(1, 1, 2))
+    assert mix.vocab_size == sum(t.vocab_size for t in mix.tasks) and mix.length == max(t.length for t in mix.tasks)
+    seen = set()
+    for i in range(60):
+        ex = mix.example(3, i)
+        name, _ = ex.difficulty
+        j = mix.names.index(name)
+        seen.add(name)
+        member, off = mix.tasks[j], mix.offsets[j]
+        own = member.example(3, i)  # the member's own stream under the same seed
+        np.testing.assert_array_equal(ex.prompt, own.prompt + off)
+        assert mix.check(ex) and off <= ex.prompt.min() and ex.prompt.max() < off + member.vocab_size
+        row, own_row = mix.lm_example(ex), member.lm_example(own)
+        n = member.length
+        np.testing.assert_array_equal(row["inputs"][:n], own_row["inputs"] + off)
+        np.testing.assert_array_equal(row["targets"][:n], own_row["targets"] + off)
+        np.testing.assert_array_equal(row["mask"][:n], own_row["mask"])
+        assert (row["mask"][n:] == 0).all() and (row["inputs"][n:] == off + member.pad_id).all()
+        assert mix.decode(ex.prompt).startswith(f"[{name}] ")
+    assert seen == {"phop", "addition", "facts"}
+
+
+def test_mixture_weights_and_member_view():
+    mix = _mix(weights=(1, 0, 3))
+    names = [mix.example(0, i).difficulty[0] for i in range(400)]
+    assert "addition" not in names and 0.65 < names.count("facts") / 400 < 0.85
+    facts = mix.member("facts")
+    assert facts.vocab_size == mix.vocab_size and facts.length == mix.length
+    table = facts.tasks[2]
+    prompts = {tuple(facts.example(9, i).prompt.tolist()) for i in range(table.n_facts)}
+    assert len(prompts) == table.n_facts  # scoring a member view of the table covers the whole table
+    with pytest.raises(ValueError, match="name="):
+        mix.member("nope")
+    with pytest.raises(ValueError, match="weights="):
+        _mix(weights=(0, 0, 0))
+    with pytest.raises(ValueError, match="names="):
+        Mixture((PHop(alphabet=3, n=10, hops=(1,)),), ("a", "b"))
+
+
 TASKS = [PHop(alphabet=3, n=20, hops=(2, 4)), Addition(n_terms=(3, 5)), IGSM(difficulties=((2, 3), (3, 4))),
-         Recall(n_pairs=5, n_queries=3, dense_labels=False)]
+         Recall(n_pairs=5, n_queries=3, dense_labels=False), FactTable(n_subjects=40, n_syllables=8)]
 
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: type(t).__name__)

@@ -142,3 +142,44 @@ def plot_pareto(points, path, *, cost: str = "flops_per_token", title: str = "ac
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_layer_specialisation(profiles: dict[str, dict], path, *,
+                              title: str = "layer specialisation") -> Path:
+    """Per core layer: E[n] (left) and mean memory gate value, local and global bank (right), one line per model.
+
+    ``profiles`` maps a model's name to ``{"expected_steps": [L] or None, "gate_local": [L] or None,
+    "gate_global": [L] or None}``; a model without per-layer loops or memory simply has no line in that panel.
+    """
+    if not profiles:
+        raise ValueError("profiles={}: must hold at least one model")
+    fig = _figure(9.0, 3.4)
+    ax_en, ax_gate = fig.subplots(1, 2)
+    markers = {"gate_local": ("o", "-", "local"), "gate_global": ("s", "--", "global")}
+    drawn_en = drawn_gate = False
+    for i, (name, prof) in enumerate(profiles.items()):
+        color = f"C{i}"
+        en = prof.get("expected_steps")
+        if en is not None:
+            ax_en.plot(np.arange(1, len(en) + 1), en, "o-", color=color, label=name)
+            drawn_en = True
+        for key, (marker, style, bank) in markers.items():
+            g = prof.get(key)
+            if g is not None:
+                ax_gate.plot(np.arange(1, len(g) + 1), g, marker=marker, linestyle=style, color=color,
+                             label=f"{name} {bank}")
+                drawn_gate = True
+    for ax, drawn, ylabel, empty in ((ax_en, drawn_en, "E[n] (iterations)", "no per-layer loops"),
+                                     (ax_gate, drawn_gate, "mean gate value", "no memory banks")):
+        ax.set_xlabel("core layer")
+        ax.set_ylabel(ylabel)
+        if drawn:
+            ax.legend(fontsize="small")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        else:
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+    ax_gate.set_ylim(0, 1)
+    if drawn_en:
+        ax_en.set_ylim(bottom=1)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -30,12 +30,13 @@ from flax import nnx
 from loopjax.analysis import fixed_points as fp
 from loopjax.analysis import plots
 from loopjax.analysis.efficiency import _forward, evaluate_rules, exit_rule_grid, pareto_mask, rule_name
+from loopjax.analysis.specialisation import has_layer_profile, layer_profile
 from loopjax.analysis.trajectory import record
 from loopjax.halting import ConvergenceExit, QExit, validate_exit_rule
 from loopjax.model import count_params
 
 PLOTS = {"convergence": "convergence.png", "attention": "attention_change.png", "trajectory": "trajectory_pca.png",
-         "exit_depth": "exit_depth_text.png", "pareto": "pareto.png"}
+         "exit_depth": "exit_depth_text.png", "pareto": "pareto.png", "layers": "layer_specialisation.png"}
 
 
 def git_revision() -> str:
@@ -131,7 +132,9 @@ def analyze(model, *, task=None, tokens: Any = None, out_dir: str | Path, n_loop
 
     rows = min(record_rows, tokens_np.shape[0])
     tok_BS, mask_BS = jnp.asarray(tokens_np[:rows]), jnp.asarray(valid_BS[:rows])
-    traj = record(model, tok_BS, n_loops=record_loops)
+    # the recorder replays plain layers: a model with per-layer loops has no trajectory to record
+    traceable = getattr(model.core, "layer_loops", None) is None
+    traj = record(model, tok_BS, n_loops=record_loops) if traceable else None
     result: dict[str, Any] = {
         "name": name, "command": command or shlex.join(sys.argv), "revision": git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -144,30 +147,33 @@ def analyze(model, *, task=None, tokens: Any = None, out_dir: str | Path, n_loop
         "n_loops": n_loops, "record_loops": record_loops,
     }
 
-    # fixed points: per-layer convergence, distinct fixed points, cycles
-    conv = fp.layer_convergence(traj, mask_BS)
-    result["convergence"] = {
-        "relative": conv["mean"], "absolute": conv["abs_mean"],
-        "rate": fp.convergence_rate(conv["abs_mean"]) if record_loops > 2 else None,
-        "fixed_point_distances": fp.fixed_point_distances(traj, mask_BS),
-        "cyclic_score": fp.cyclic_score(traj, mask_BS),
-    }
-    attn = fp.attention_change(traj, mask_BS)
-    result["attention_change"] = {"js": attn["js"], "tv": attn["tv"]}
-    lens = fp.logit_lens(traj.step_logits_TBSV, mask_BS)
-    result["logit_lens"] = {"kl": lens["kl"], "top1": lens["top1"]}
-    if batch is not None:
-        answer = jnp.asarray(np.asarray(batch["mask"][:rows]) > 0, jnp.float32)
-        ans = fp.logit_lens(traj.step_logits_TBSV, answer)
-        result["logit_lens"].update(answer_kl=ans["kl"], answer_top1=ans["top1"])
+    conv = attn = None
+    result.update(convergence=None, attention_change=None, logit_lens=None, contraction=None)
+    if traceable:
+        # fixed points: per-layer convergence, distinct fixed points, cycles
+        conv = fp.layer_convergence(traj, mask_BS)
+        result["convergence"] = {
+            "relative": conv["mean"], "absolute": conv["abs_mean"],
+            "rate": fp.convergence_rate(conv["abs_mean"]) if record_loops > 2 else None,
+            "fixed_point_distances": fp.fixed_point_distances(traj, mask_BS),
+            "cyclic_score": fp.cyclic_score(traj, mask_BS),
+        }
+        attn = fp.attention_change(traj, mask_BS)
+        result["attention_change"] = {"js": attn["js"], "tv": attn["tv"]}
+        lens = fp.logit_lens(traj.step_logits_TBSV, mask_BS)
+        result["logit_lens"] = {"kl": lens["kl"], "top1": lens["top1"]}
+        if batch is not None:
+            answer = jnp.asarray(np.asarray(batch["mask"][:rows]) > 0, jnp.float32)
+            ans = fp.logit_lens(traj.step_logits_TBSV, answer)
+            result["logit_lens"].update(answer_kl=ans["kl"], answer_top1=ans["top1"])
 
-    # contraction of the loop map F at states along the trajectory (loops done: 0 = the initial state)
-    t_done = sorted({0, 1, record_loops // 2, record_loops})
-    states = jnp.concatenate([traj.state0_BSD[None], traj.state_TBSD])[jnp.asarray(t_done)]
-    c_rows = min(contraction_rows, rows)
-    sigma, change = fp.loop_contraction(model, tok_BS[:c_rows], states[:, :c_rows], key=jax.random.key(seed),
-                                        iters=power_iters)
-    result["contraction"] = {"loops_done": t_done, "sigma": sigma, "power_change": change, "rows": c_rows}
+        # contraction of the loop map F at states along the trajectory (loops done: 0 = the initial state)
+        t_done = sorted({0, 1, record_loops // 2, record_loops})
+        states = jnp.concatenate([traj.state0_BSD[None], traj.state_TBSD])[jnp.asarray(t_done)]
+        c_rows = min(contraction_rows, rows)
+        sigma, change = fp.loop_contraction(model, tok_BS[:c_rows], states[:, :c_rows], key=jax.random.key(seed),
+                                            iters=power_iters)
+        result["contraction"] = {"loops_done": t_done, "sigma": sigma, "power_change": change, "rows": c_rows}
 
     # exit depth of every token under one rule
     graphdef, state = nnx.split(model)
@@ -186,8 +192,19 @@ def analyze(model, *, task=None, tokens: Any = None, out_dir: str | Path, n_loop
     else:
         points, result["efficiency"] = [], None
 
+    # layer specialisation (per-layer loops, memory banks): E[n] and gate value per core layer, over the answer
+    # positions with a task, else every valid token
+    result["layer_specialisation"] = None
+    if has_layer_profile(cfg):
+        where_BS = np.asarray(batch["mask"]) > 0 if batch is not None else valid_BS > 0
+        result["layer_specialisation"] = layer_profile(model, tokens_np, where_BS)
+
     result["files"] = _plots(out, traj, conv, attn, exit_BS[0], valid_BS[0], batch, tokens_np[0], decode, n_loops,
                              points, name)
+    if result["layer_specialisation"] is not None:
+        plots.plot_layer_specialisation({name: result["layer_specialisation"]}, out / PLOTS["layers"],
+                                        title=f"{name}: layer specialisation")
+        result["files"].append(PLOTS["layers"])
     result = _jsonable(result)
     (out / "results.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     (out / "README.md").write_text(_markdown(result, title or f"Fixed-point analysis: {name}"))
@@ -198,32 +215,27 @@ def analyze(model, *, task=None, tokens: Any = None, out_dir: str | Path, n_loop
 def _plots(out: Path, traj, conv, attn, exit_S, valid_S, batch, tokens_S, decode, n_loops, points,
            name) -> list[str]:
     files = []
-    plots.plot_convergence(conv["mean"], out / PLOTS["convergence"], title=f"{name}: per-layer convergence")
-    plots.plot_attention_change(attn["js"], out / PLOTS["attention"], title=f"{name}: attention change (JS, bits)")
-    # the first answer position of row 0 (the token the task is about), else the last one
-    position = int(np.argmax(np.asarray(batch["mask"][0]) > 0)) if batch is not None else -1
-    plots.plot_trajectory_pca(traj.layer_TkBSD, out / PLOTS["trajectory"], position=position)
+    if traj is not None:
+        plots.plot_convergence(conv["mean"], out / PLOTS["convergence"], title=f"{name}: per-layer convergence")
+        plots.plot_attention_change(attn["js"], out / PLOTS["attention"],
+                                    title=f"{name}: attention change (JS, bits)")
+        # the first answer position of row 0 (the token the task is about), else the last one
+        position = int(np.argmax(np.asarray(batch["mask"][0]) > 0)) if batch is not None else -1
+        plots.plot_trajectory_pca(traj.layer_TkBSD, out / PLOTS["trajectory"], position=position)
+        files += [PLOTS[k] for k in ("convergence", "attention", "trajectory")]
     n = int(valid_S.sum()) if valid_S.sum() > 0 else len(tokens_S)
     pieces = [decode(int(t)) for t in tokens_S[:n]]
     plots.plot_exit_depth_text(pieces, exit_S[:n], out / PLOTS["exit_depth"], n_loops=n_loops,
                                per_line=min(24, n), title=f"{name}: exit step per token")
-    files += [PLOTS[k] for k in ("convergence", "attention", "trajectory", "exit_depth")]
+    files.append(PLOTS["exit_depth"])
     if points:
         plots.plot_pareto(points, out / PLOTS["pareto"], title=f"{name}: accuracy per FLOP")
         files.append(PLOTS["pareto"])
     return files
 
 
-def _markdown(r: dict, title: str) -> str:
-    m, conv = r["model"], r["convergence"]
-    k, t_rec = m["n_layers"], r["record_loops"]
-    parts = [f"# {title}", f"```\n{r['command']}\n```",
-             f"Revision `{r['revision']}`, {r['date']}. Model: {m['params']:,} parameters, d_model {m['d_model']}, "
-             f"k = {k} core layers, {m['n_heads']} heads, trained loops {m['n_loops']}, exit gate "
-             f"{m['exit_gate']}. Inputs: {r['inputs']['source']} batch {r['inputs']['batch']}, trajectory metrics on "
-             f"the first {r['inputs']['recorded_rows']} rows over {t_rec} loops; exit rules up to {r['n_loops']} "
-             "loops."]
-
+def _trajectory_markdown(r: dict, k: int, t_rec: int) -> list[str]:
+    conv, parts = r["convergence"], []
     rows = [[t + 2, *conv["relative"][t], *conv["absolute"][t]] for t in range(t_rec - 1)]
     parts += ["## Per-layer convergence",
               "‖h_{t,l} − h_{t−1,l}‖ / ‖h_{t,l}‖ (relative) and ‖h_{t,l} − h_{t−1,l}‖ (absolute), token means.",
@@ -257,6 +269,24 @@ def _markdown(r: dict, title: str) -> str:
               f"{c['rows']} rows) by power iteration; < 1 means locally contractive.",
               _table(["state after loop", "σ(∂F/∂h)", "power-iteration change"],
                      [[t, s, ch] for t, s, ch in zip(c["loops_done"], c["sigma"], c["power_change"])])]
+    return parts
+
+
+def _markdown(r: dict, title: str) -> str:
+    m, conv = r["model"], r["convergence"]
+    k, t_rec = m["n_layers"], r["record_loops"]
+    parts = [f"# {title}", f"```\n{r['command']}\n```",
+             f"Revision `{r['revision']}`, {r['date']}. Model: {m['params']:,} parameters, d_model {m['d_model']}, "
+             f"k = {k} core layers, {m['n_heads']} heads, trained loops {m['n_loops']}, exit gate "
+             f"{m['exit_gate']}. Inputs: {r['inputs']['source']} batch {r['inputs']['batch']}, trajectory metrics on "
+             f"the first {r['inputs']['recorded_rows']} rows over {t_rec} loops; exit rules up to {r['n_loops']} "
+             "loops."]
+
+    if conv is None:
+        parts.append("Trajectory metrics (convergence, attention change, logit lens, contraction): not recorded, "
+                     "the model has per-layer loops (the recorder replays plain layers).")
+    else:
+        parts += _trajectory_markdown(r, k, t_rec)
 
     parts.append(f"## Exit depth\nRule {r['exit_depth']['rule']}: mean exit step {r['exit_depth']['mean']:.3g} "
                  f"over the recorded tokens (plot: {PLOTS['exit_depth']}).")
@@ -268,5 +298,15 @@ def _markdown(r: dict, title: str) -> str:
                   "per token when every token stops at its exit (``forward_flops`` with the exit profile).",
                   _table(["rule", "accuracy", "mean loops", "answer loops", "iterations", "FLOPs/token",
                           "Pareto"], rows)]
+    spec = r.get("layer_specialisation")
+    if spec is not None:
+        n_layers = max(len(v) for v in spec.values() if v is not None)
+        cols = [("expected_steps", "E[n]"), ("gate_local", "gate local"), ("gate_global", "gate global")]
+        rows = [[layer + 1, *(spec[key][layer] if spec[key] is not None else "-" for key, _ in cols)]
+                for layer in range(n_layers)]
+        parts += ["## Layer specialisation", "Per core layer, mean over the answer positions (all valid tokens "
+                  "without a task): expected iterations E[n] of the per-layer loop and mean gate value of the local "
+                  f"and global memory bank (plot: {PLOTS['layers']}).",
+                  _table(["core layer", *(label for _, label in cols)], rows)]
     parts += ["## Files", ", ".join(f"[{f}]({f})" for f in r["files"])]
     return "\n\n".join(parts) + "\n"

@@ -3,9 +3,9 @@ reasoning tasks (``loopjax.data.tasks``)."""
 
 from loopjax.data import tasks, text
 from loopjax.data.pipeline import make_pipeline, shard_bounds
-from loopjax.data.tasks import IGSM, Addition, PHop, TaskSource, answer_correct
+from loopjax.data.tasks import IGSM, Addition, FactTable, Mixture, PHop, TaskSource, answer_correct
 from loopjax.data.text import ByteTextSource
 from loopjax.data.tokens import PackedTokenSource
 
-__all__ = ["Addition", "ByteTextSource", "IGSM", "PHop", "PackedTokenSource", "TaskSource", "answer_correct",
-           "make_pipeline", "shard_bounds", "tasks", "text"]
+__all__ = ["Addition", "ByteTextSource", "FactTable", "IGSM", "Mixture", "PHop", "PackedTokenSource", "TaskSource",
+           "answer_correct", "make_pipeline", "shard_bounds", "tasks", "text"]
