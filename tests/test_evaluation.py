@@ -397,3 +397,12 @@ def test_two_processes_give_the_numbers_of_one_and_write_once(tmp_path):
                 if k in b:
                     np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
     assert json.loads((tmp_path / "multi" / "results.json").read_text())["tasks"] == multi["tasks"]
+
+
+def test_primary_metric_skips_bookkeeping_keys():
+    from loopjax.evaluation.run import primary_metric
+
+    # lm-eval 0.4.x lists "sample_len" before the metrics; the per-TFLOP column must be the task's metric
+    result = {"alias": "t", "sample_len": 40, "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.4}
+    assert primary_metric(result) == "acc,none"
+    assert primary_metric({"alias": "t", "sample_len": 3}) is None

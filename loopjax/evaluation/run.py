@@ -74,9 +74,11 @@ def check_tasks_load(tasks: Sequence[str], tm) -> None:
 
 
 def primary_metric(task_result: dict) -> str | None:
-    """The first metric key of a task's results (e.g. "acc,none"), stderr and alias excluded."""
+    """The first metric key of a task's results (e.g. "acc,none"): "metric,filter" keys only, so stderr, alias and
+    bookkeeping such as "sample_len" (which lm-eval lists first) are excluded."""
     for k, v in task_result.items():
-        if k != "alias" and "_stderr," not in k and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if ("," in k and "_stderr," not in k and isinstance(v, (int, float))
+                and not isinstance(v, bool)):
             return k
     return None
 
