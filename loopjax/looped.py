@@ -206,8 +206,11 @@ class LoopedCore(nnx.Module):
                 h, gates = memory.inject(h, global_memory)
             return layer(h, *args), gates
 
-        # The memory read sits inside the layer's checkpoint: remat recomputes it with the layer.
-        run = remat_layer((layer, memory, self.global_memory), cfg.remat_policy, cfg.remat_scope, call=call)
+        # The memory read sits inside the layer's checkpoint: remat recomputes it with the layer. A per-layer loop
+        # is a scan inside the loop body, so under scope "loop" its iterations are checkpointed too: otherwise the
+        # backward keeps every iteration's internals (temp memory linear in N).
+        scope = "both" if loop is not None and cfg.remat_scope == "loop" else cfg.remat_scope
+        run = remat_layer((layer, memory, self.global_memory), cfg.remat_policy, scope, call=call)
 
         def iteration(h: jax.Array, scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
             # the one per-iteration function: layer(inject(h), residual_scale=s), with the memory gates read
