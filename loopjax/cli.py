@@ -43,6 +43,8 @@ import os
 import sys
 from typing import Sequence
 
+from loopjax.config import config_from_json
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loopjax", description=__doc__.split("\n\n")[0])
@@ -148,21 +150,14 @@ def _checked(kind, ok, allowed: str):
 
 def exit_rule_arg(text: str):
     """``--exit-rule``: ``q=P`` (QExit), ``fixed=N`` (FixedExit), ``act=EPS`` (ACTExit), ``conv=EPS``
-    (ConvergenceExit) or ``none``."""
+    (ConvergenceExit) or ``none`` (``halting.parse_exit_rule``)."""
     from loopjax import halting
 
-    if text.strip().lower() == "none":
-        return None
-    rules = {"q": (halting.QExit, float), "fixed": (halting.FixedExit, int), "act": (halting.ACTExit, float),
-             "conv": (halting.ConvergenceExit, float)}
-    name, sep, value = text.partition("=")
-    if not sep or name.strip().lower() not in rules:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be q=P, fixed=N, act=EPS, conv=EPS or none")
-    cls, kind = rules[name.strip().lower()]
     try:
-        return cls(kind(value))
+        return halting.parse_exit_rule(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+        msg = str(err)
+        raise argparse.ArgumentTypeError(msg if msg.startswith(repr(text)) else f"{text!r}: {msg}") from None
 
 
 def _generate_args(gen: argparse.ArgumentParser) -> None:
@@ -187,21 +182,6 @@ def _generate_args(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--seed", type=int, default=0)
 
 
-def _build_config(cls, value):
-    """A (nested) config dataclass from its ``to_json`` dict; JSON lists become tuples again."""
-    if dataclasses.is_dataclass(cls) and isinstance(value, dict):
-        import typing
-
-        hints = typing.get_type_hints(cls)
-        return cls(**{f.name: _build_config(hints[f.name], value[f.name]) for f in dataclasses.fields(cls)
-                      if f.init and f.name in value})
-    if isinstance(value, list):
-        return tuple(_build_config(None, v) for v in value)
-    if isinstance(value, dict):
-        return {k: _build_config(None, v) for k, v in value.items()}
-    return value
-
-
 def _generation_model(args):
     """(model, folder searched for tokenizer.json) from --ouro, --checkpoint or CONFIG --workdir."""
     forms = [args.ouro is not None, args.checkpoint is not None, args.config is not None or args.workdir is not None]
@@ -221,7 +201,7 @@ def _generation_model(args):
             raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no checkpoints/config.json (not a training "
                                     "run directory?)")
         with open(path) as f:
-            exp = apply_overrides(_build_config(Experiment, json.load(f)), args.set)
+            exp = apply_overrides(config_from_json(Experiment, json.load(f)), args.set)
         workdir = args.checkpoint
     else:
         if args.config is None or args.workdir is None:
@@ -392,7 +372,7 @@ def cmd_analyze(args) -> int:
             raise FileNotFoundError(f"{args.checkpoint}: no checkpoints/config.json (not a training run directory? "
                                     "pass --ouro for an HF Ouro folder)")
         with open(path) as f:
-            exp = _build_config(Experiment, json.load(f))
+            exp = config_from_json(Experiment, json.load(f))
         trainer = _trainer(exp, args.checkpoint, restore_step=args.step)
         if trainer.resumed_from is None:
             raise SystemExit(f"loopjax: no checkpoint in {os.path.join(args.checkpoint, 'checkpoints')}")
@@ -499,7 +479,7 @@ def _eval_model(args):
         from loopjax.train.experiment import Experiment, apply_overrides
 
         with open(run_cfg) as f:
-            exp = apply_overrides(_build_config(Experiment, json.load(f)), args.set)
+            exp = apply_overrides(config_from_json(Experiment, json.load(f)), args.set)
         trainer = _trainer(exp, path, restore_step=args.step)
         if trainer.resumed_from is None:
             raise SystemExit(f"loopjax: no checkpoint in {os.path.join(path, 'checkpoints')}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import typing
 from typing import Any
 
 NORM_SCHEMES = ("pre", "sandwich")
@@ -50,6 +51,19 @@ def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
         hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
         _fail(field, value, f"one of {choices}{hint}")
 
+
+
+def config_from_json(cls: Any, value: Any) -> Any:
+    """A (nested) config dataclass from its ``to_json`` dict; JSON lists become tuples again."""
+    if dataclasses.is_dataclass(cls) and isinstance(value, dict):
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: config_from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(cls)
+                      if f.init and f.name in value})
+    if isinstance(value, list):
+        return tuple(config_from_json(None, v) for v in value)
+    if isinstance(value, dict):
+        return {k: config_from_json(None, v) for k, v in value.items()}
+    return value
 
 def replace_checked(cfg: Any, **overrides: Any) -> Any:
     """``dataclasses.replace`` that names near matches for an unknown field instead of a bare TypeError."""

@@ -747,3 +747,17 @@ def _per_step_objective(hcfg: HaltingConfig, ce_TBS: jax.Array, gate_BST: jax.Ar
     if hcfg.objective == "ouro":
         return ouro_expected_loss(ce_TBS, gate_BST, mask_BS, hcfg.beta)
     return pondernet_loss(ce_TBS, gate_BST, mask_BS, hcfg.beta, hcfg.geometric_lambda)
+
+
+def parse_exit_rule(text: str):
+    """An exit rule from text: ``q=P`` (QExit), ``fixed=N`` (FixedExit), ``act=EPS`` (ACTExit), ``conv=EPS``
+    (ConvergenceExit) or ``none`` (None); ValueError otherwise."""
+    if text.strip().lower() == "none":
+        return None
+    rules = {"q": (QExit, float), "fixed": (FixedExit, int), "act": (ACTExit, float),
+             "conv": (ConvergenceExit, float)}
+    name, sep, value = text.partition("=")
+    if not sep or name.strip().lower() not in rules:
+        raise ValueError(f"{text!r}: must be q=P, fixed=N, act=EPS, conv=EPS or none")
+    cls, kind = rules[name.strip().lower()]
+    return cls(kind(value))

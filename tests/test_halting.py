@@ -625,3 +625,11 @@ def test_sampled_loop_counts_follow_the_log_normal_poisson():
     kw = halting.loop_kwargs(hcfg, jax.random.key(1))
     assert kw["max_loops"] == 8 and kw["backprop_loops"] == 2 and 1 <= int(kw["n_loops"]) <= 8
     assert halting.loop_kwargs(lj.HaltingConfig()) == {}
+
+
+def test_parse_exit_rule_reads_every_rule_and_names_the_forms():
+    assert lj.halting.parse_exit_rule("q=0.25") == lj.QExit(0.25)
+    assert lj.halting.parse_exit_rule("fixed=3") == lj.FixedExit(3)
+    assert lj.halting.parse_exit_rule(" none ") is None
+    with pytest.raises(ValueError, match="'half': must be q=P, fixed=N, act=EPS, conv=EPS or none"):
+        lj.halting.parse_exit_rule("half")

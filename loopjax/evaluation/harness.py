@@ -99,7 +99,8 @@ class LoopjaxLM(TemplateLM):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "LoopjaxLM":
         """``--model loopjax --model_args path=DIR[,depth=2][,exit_rule=q=0.5][,tokenizer=...]
         [,max_length=N][,step=N]`` (one depth per harness run; ``loopjax lm-eval`` sweeps depths itself)."""
-        from loopjax.evaluation.load import load_for_eval, parse_exit_rule
+        from loopjax.evaluation.load import load_for_eval
+        parse_exit_rule = halting.parse_exit_rule
 
         args = dict(a.split("=", 1) for a in arg_string.split(",") if a.strip())
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}

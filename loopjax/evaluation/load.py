@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import typing
 from typing import Any
 
 from loopjax import halting
+from loopjax.config import config_from_json
 from loopjax.evaluation.tokenizer import EvalTokenizer, load_eval_tokenizer
 
 
@@ -23,32 +23,6 @@ class Loaded:
     rules: Any
     exit_rule: Any
     tokenizer_source: str | None
-
-
-def parse_exit_rule(text: str):
-    """``q=P`` (QExit), ``fixed=N``, ``act=EPS``, ``conv=EPS`` or ``none``."""
-    if text.strip().lower() == "none":
-        return None
-    rules = {"q": (halting.QExit, float), "fixed": (halting.FixedExit, int), "act": (halting.ACTExit, float),
-             "conv": (halting.ConvergenceExit, float)}
-    name, sep, value = text.partition("=")
-    if not sep or name.strip().lower() not in rules:
-        raise ValueError(f"exit rule {text!r}: must be q=P, fixed=N, act=EPS, conv=EPS or none")
-    cls, kind = rules[name.strip().lower()]
-    return cls(kind(value))
-
-
-def _from_json(cls, value):
-    """A (nested) config dataclass from its ``to_json`` dict; JSON lists become tuples again."""
-    if dataclasses.is_dataclass(cls) and isinstance(value, dict):
-        hints = typing.get_type_hints(cls)
-        return cls(**{f.name: _from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(cls)
-                      if f.init and f.name in value})
-    if isinstance(value, list):
-        return tuple(_from_json(None, v) for v in value)
-    if isinstance(value, dict):
-        return {k: _from_json(None, v) for k, v in value.items()}
-    return value
 
 
 def _run_tokenizer(exp) -> str | None:
@@ -75,7 +49,7 @@ def load_for_eval(path: str, *, tokenizer: str | None = None, step: int | None =
         from loopjax.train.experiment import Experiment
 
         with open(run_cfg) as f:
-            exp = _from_json(Experiment, json.load(f))
+            exp = config_from_json(Experiment, json.load(f))
         trainer = Trainer(exp.model, exp.train, train_data=(), workdir=path, config=exp.to_json(), restore_step=step)
         if trainer.resumed_from is None:
             raise FileNotFoundError(f"{path}: no checkpoint in {os.path.join(path, 'checkpoints')}")

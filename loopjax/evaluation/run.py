@@ -240,7 +240,8 @@ def run_command(args) -> int:
     check_tasks_load(tasks, tm)
 
     from loopjax.evaluation.harness import LoopjaxLM
-    from loopjax.evaluation.load import load_for_eval, parse_exit_rule
+    from loopjax.evaluation.load import load_for_eval
+    from loopjax.halting import parse_exit_rule
 
     loaded = load_for_eval(args.model, tokenizer=args.tokenizer, step=args.step)
     if loaded.tokenizer is None:
