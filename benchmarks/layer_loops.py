@@ -72,29 +72,45 @@ def time_interleaved(calls, repeats):
 
 
 def bench_compile(args) -> list[dict]:
+    """Compile each (model, N) ``--compile-repeats`` times, rounds interleaved over N after one discarded warm-up
+    compile (the first compile in a process also pays one-time tracing/XLA start-up); min and median seconds."""
     base = base_config(args)
     tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, base.vocab_size)
-    rows = []
-    for memory in (model == "Loop+Mem" for model in args.models):
+    cases = []
+    for model in args.models:
         for n in args.loops:
             cfg = dataclasses.replace(base, layer_loops=n)
-            if memory:
+            if model == "Loop+Mem":
                 cfg = dataclasses.replace(cfg, memory_local_slots=args.local_slots,
                                           memory_global_slots=args.global_slots)
-            _, _, seconds, temp = compile_train_step(cfg, tokens)
-            rows.append(dict(model="Loop+Mem" if memory else "Loop", N=n, compile_s=seconds, temp_bytes=temp,
-                             params=lj.count_params(nnx.eval_shape(lambda: lj.LoopedLM(cfg, rngs=nnx.Rngs(0))))))
-            print(rows[-1], flush=True)
+            cases.append((model, n, cfg))
+    compile_train_step(cases[0][2], tokens)
+    seconds = {(m, n): [] for m, n, _ in cases}
+    temps = {}
+    for _ in range(args.compile_repeats):
+        for model, n, cfg in cases:
+            _, _, s, temps[model, n] = compile_train_step(cfg, tokens)
+            seconds[model, n].append(s)
+    rows = []
+    for model, n, cfg in cases:
+        rows.append(dict(model=model, N=n, compile_s=min(seconds[model, n]),
+                         compile_median_s=statistics.median(seconds[model, n]), compile_all_s=seconds[model, n],
+                         temp_bytes=temps[model, n],
+                         params=lj.count_params(nnx.eval_shape(lambda cfg=cfg: lj.LoopedLM(cfg, rngs=nnx.Rngs(0))))))
+        print(rows[-1], flush=True)
     print(f"\n{args.layers} layers, d_model {args.d_model}, batch {args.batch} x {args.seq}, remat 'full' scope "
           f"{args.remat_scope!r}, {jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f}")
-    print("| model | N | params | compile (s) | compile vs N=1 | temp MiB | temp vs N=1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | N | params | compile s (min) | compile s (median) | compile vs N=1 (min) | "
+          "compile vs N=1 (median) | temp MiB | temp vs N=1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         first = next(x for x in rows if x["model"] == r["model"] and x["N"] == args.loops[0])
         temp_ratio = r["temp_bytes"] / first["temp_bytes"] if first["temp_bytes"] else float("nan")
-        r.update(compile_ratio=r["compile_s"] / first["compile_s"], temp_ratio=temp_ratio)
-        print(f"| {r['model']} | {r['N']} | {r['params']:,} | {r['compile_s']:.2f} | {r['compile_ratio']:.2f}x | "
-              f"{r['temp_bytes'] / 2**20:.2f} | {temp_ratio:.2f}x |")
+        r.update(compile_ratio=r["compile_s"] / first["compile_s"],
+                 compile_median_ratio=r["compile_median_s"] / first["compile_median_s"], temp_ratio=temp_ratio)
+        print(f"| {r['model']} | {r['N']} | {r['params']:,} | {r['compile_s']:.2f} | {r['compile_median_s']:.2f} | "
+              f"{r['compile_ratio']:.2f}x | {r['compile_median_ratio']:.2f}x | {r['temp_bytes'] / 2**20:.2f} | "
+              f"{temp_ratio:.2f}x |")
     return rows
 
 
@@ -105,13 +121,15 @@ def python_for_loop_iterations():
     from loopjax.layer_loop import LayerLoop, LayerLoopStats
 
     def run_unrolled(self, step_fn, x_BSD):
-        h, sums, scales = x_BSD, self.start(x_BSD), self.scales()
+        h, sums, scales, auxes = x_BSD, self.start(x_BSD), self.scales(), []
         for i in range(self.n_iterations):
-            h = step_fn(h, scales[i])
+            h, aux = step_fn(h, scales[i])
             sums = self.accumulate(sums, h, i)
-        acc, _, en = sums
+            auxes.append(aux)
+        out, en = self.finish(sums, x_BSD.dtype)
         n = self.n_iterations
-        return acc.astype(x_BSD.dtype), LayerLoopStats(en, jnp.full(en.shape, n, jnp.int32), jnp.int32(n))
+        aux = None if auxes[0] is None else jax.tree.map(lambda *a: jnp.stack(a).mean(0), *auxes)
+        return out, LayerLoopStats(en, jnp.full(en.shape, n, jnp.int32), jnp.int32(n)), aux
 
     scanned = LayerLoop.run
     LayerLoop.run = run_unrolled
@@ -236,6 +254,7 @@ def main(argv=None):
                     help="where jax.checkpoint goes (LoopedConfig.remat_scope; policy 'full')")
     ap.add_argument("--threshold", type=float, default=0.99, help="layer_exit_threshold (adaptive)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--compile-repeats", type=int, default=3, help="compile: compiles per (model, N), interleaved")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rows = MODES[args.mode](args)

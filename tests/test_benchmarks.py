@@ -13,3 +13,25 @@ def test_step_gemms_are_the_model_flops_less_the_exit_gate(name):
     listed = sum(2 * bt * m * k * n * count for _, m, k, n, _, _, bt, count in train_step.step_gemms(cfg, b, s))
     gate = 3 * 2 * s * cfg.d_model * cfg.n_loops  # the [D, 1] exit gate: forward and two gradients, not listed
     assert listed == b * (lj.train_flops(cfg, s, cfg.n_loops, readouts=cfg.n_loops) - gate)
+
+
+def test_layer_loop_benchmark_for_loop_is_the_same_model():
+    """The naive side of ``layer_loops scan`` (iterations as a Python for-loop) computes the shipped model."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks import layer_loops
+
+    cfg = lj.LoopedConfig(vocab_size=64, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, n_layers=2, n_loops=1,
+                          max_seq_len=16, exit_gate=False, layer_loops=3, memory_local_slots=8,
+                          memory_global_slots=4, layer_loop_scale_init=0.5)
+    graphdef, state = nnx.split(lj.LoopedLM(cfg, rngs=nnx.Rngs(3)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    grad = jax.value_and_grad(lambda st, tok: layer_loops.ce_loss(graphdef, st, tok))
+    loss, g = jax.jit(grad)(state, tokens)
+    with layer_loops.python_for_loop_iterations():
+        loss_for, g_for = jax.jit(lambda st, tok: grad(st, tok))(state, tokens)
+    np.testing.assert_allclose(loss_for, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_for), jax.tree.leaves(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
