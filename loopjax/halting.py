@@ -46,7 +46,9 @@ import jax.numpy as jnp
 
 from loopjax.config import HaltingConfig
 
-StepFn = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array | None]]
+# A loop step: h -> (new h, read-out state, gate logit or None[, aux]); an optional 4th element (any pytree of
+# arrays, e.g. per-layer statistics) is recorded per loop in ``LoopResult.aux_T``.
+StepFn = Callable[[jax.Array], tuple]
 HeadFn = Callable[[jax.Array], jax.Array]
 
 
@@ -283,6 +285,8 @@ class LoopResult:
     exit_step_BS: int32, the loop (1..T) each token reads out. n_iterations: int32 scalar, loops executed.
     gate_BST: gate logits per loop (T = n_loops); after a token's exit, the gate of its frozen state.
     step_out_TBSD: read-out state after every loop (frozen tokens show their frozen state), when recorded.
+    aux_T: the step's 4th output stacked over loops (leading axis T = n_loops; zeros for loops never executed),
+      or None when the step has none (and always from ``truncated_loop``).
     """
 
     state_BSD: jax.Array
@@ -291,6 +295,12 @@ class LoopResult:
     n_iterations: jax.Array
     gate_BST: jax.Array | None = None
     step_out_TBSD: jax.Array | None = None
+    aux_T: Any = None
+
+
+def _split_step(res: tuple) -> tuple[jax.Array, jax.Array, jax.Array | None, Any]:
+    """(new h, out, gate, aux or None) from a step's 3- or 4-tuple."""
+    return (*res, None) if len(res) == 3 else tuple(res)
 
 
 def _set_step(buf_XT: jax.Array, t: jax.Array, val_X: jax.Array) -> jax.Array:
@@ -301,25 +311,28 @@ def adaptive_loop(step_fn: StepFn, h0_BSD: jax.Array, rule: Any, n_loops: int, *
                   record_steps: bool = False) -> LoopResult:
     """Masked ``lax.while_loop``: run until every token's rule fired (frozen tokens keep their state) or n_loops."""
     b, s, d = h0_BSD.shape
+    aux_shape = _split_step(jax.eval_shape(step_fn, h0_BSD))[3]
     carry = dict(t=jnp.int32(0), h=h0_BSD, out=jnp.zeros_like(h0_BSD), active=jnp.ones((b, s), bool),
                  exit=jnp.full((b, s), n_loops, jnp.int32),
                  gates=jnp.zeros((b, s, n_loops), jnp.float32) if has_gate else None,
-                 steps=jnp.zeros((n_loops, b, s, d), h0_BSD.dtype) if record_steps else None)
+                 steps=jnp.zeros((n_loops, b, s, d), h0_BSD.dtype) if record_steps else None,
+                 aux=jax.tree.map(lambda a: jnp.zeros((n_loops, *a.shape), a.dtype), aux_shape))
 
     def cond(c):
         return (c["t"] < n_loops) & jnp.any(c["active"])
 
     def body(c):
         t, a = c["t"], c["active"]
-        new_h, out, gate = step_fn(c["h"])
+        new_h, out, gate, aux = _split_step(step_fn(c["h"]))
         gates = None if gate is None else _set_step(c["gates"], t, gate)
         fires = rule_fires(rule, t, n_loops, gates, c["h"], new_h)
         keep = a[..., None]
         h = jnp.where(keep, new_h, c["h"])
         out = jnp.where(keep, out, c["out"])
         steps = None if c["steps"] is None else c["steps"].at[t].set(out)
+        aux = jax.tree.map(lambda buf, x: buf.at[t].set(x), c["aux"], aux)
         return dict(t=t + 1, h=h, out=out, active=a & ~fires, exit=jnp.where(a & fires, t + 1, c["exit"]),
-                    gates=gates, steps=steps)
+                    gates=gates, steps=steps, aux=aux)
 
     c = jax.lax.while_loop(cond, body, carry)
     idx = jnp.arange(n_loops)
@@ -331,7 +344,7 @@ def adaptive_loop(step_fn: StepFn, h0_BSD: jax.Array, rule: Any, n_loops: int, *
     if steps is not None:  # loops never executed (everyone had exited): the final frozen states
         steps = jnp.where((idx >= c["t"])[:, None, None, None], c["out"][None], steps)
     return LoopResult(state_BSD=c["h"], out_BSD=c["out"], exit_step_BS=c["exit"], n_iterations=c["t"],
-                      gate_BST=gates, step_out_TBSD=steps)
+                      gate_BST=gates, step_out_TBSD=steps, aux_T=c["aux"])
 
 
 def all_loops(step_fn: StepFn, h0_BSD: jax.Array, rule: Any, n_loops: int, *, has_gate: bool,
@@ -346,17 +359,17 @@ def all_loops(step_fn: StepFn, h0_BSD: jax.Array, rule: Any, n_loops: int, *, ha
 
     def body(c, t):
         h, out_sel, fired, exit_step, gates = c
-        new_h, out, gate = step_fn(h)
+        new_h, out, gate, aux = _split_step(step_fn(h))
         gates = None if gate is None else _set_step(gates, t, gate)
         first = ~fired & rule_fires(rule, t, n_loops, gates, h, new_h)
         out_sel = jnp.where(first[..., None], out, out_sel)
         exit_step = jnp.where(first, t + 1, exit_step)
-        return (new_h, out_sel, fired | first, exit_step, gates), (out if record_steps else None)
+        return (new_h, out_sel, fired | first, exit_step, gates), (out if record_steps else None, aux)
 
-    (h, out, _, exit_step, gates), steps = jax.lax.scan(body, carry, jnp.arange(n_loops, dtype=jnp.int32),
-                                                        unroll=unroll)
+    (h, out, _, exit_step, gates), (steps, aux) = jax.lax.scan(body, carry, jnp.arange(n_loops, dtype=jnp.int32),
+                                                               unroll=unroll)
     return LoopResult(state_BSD=h, out_BSD=out, exit_step_BS=exit_step, n_iterations=jnp.int32(n_loops),
-                      gate_BST=gates, step_out_TBSD=steps)
+                      gate_BST=gates, step_out_TBSD=steps, aux_T=aux)
 
 
 def truncated_loop(step_fn: StepFn, h0_BSD: jax.Array, n_loops: jax.Array, max_loops: int,
@@ -370,7 +383,7 @@ def truncated_loop(step_fn: StepFn, h0_BSD: jax.Array, n_loops: jax.Array, max_l
     k = max_loops if backprop_loops is None else backprop_loops
 
     def run(h_out):
-        new_h, out, _ = step_fn(h_out[0])
+        new_h, out = _split_step(step_fn(h_out[0]))[:2]
         return new_h, out
 
     def body(c, t):

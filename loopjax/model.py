@@ -12,7 +12,7 @@ from loopjax import halting
 from loopjax.attention import TokenLayout, check_impl
 from loopjax.config import LoopedConfig
 from loopjax.halting import exit_distribution
-from loopjax.layer_loop import check_threshold
+from loopjax.layer_loop import LayerLoopStats, check_threshold
 from loopjax.layers import DecoderLayer, RMSNorm, dense, dtype, make_param, rope_cos_sin
 from loopjax.looped import LoopedCore, remat
 from loopjax.partitioning import ACTIVATION_BSD, LOGITS_BSV, LOGITS_TBSV, with_logical_constraint
@@ -32,15 +32,18 @@ class LoopedOutput:
     exit_step: [B, S] int32, the loop (1..T) each token's logits were read from; None for plain calls.
     n_iterations: scalar int32, loop iterations executed; None for plain calls.
     layer_expected_n: [B, S, k] float32, E[n] of each core layer's per-layer loop per token (``layer_loop``),
-      the mean over the T block loops; differentiable (the ponder cost's input). None without per-layer loops
-      and in exit-rule / traced-loop-count calls (their executors report no per-layer statistics).
+      the mean over the T block loops (in exit-rule calls, over the block loops the token ran before its exit);
+      differentiable (the ponder cost's input). None without per-layer loops and in traced-loop-count calls
+      (``max_loops``).
     layer_exit_iteration: [B, S, k] float32, the per-layer iterations each token computed (N unless
       ``layer_exit_threshold`` stopped it), the mean over the T block loops; None as ``layer_expected_n``.
     layer_iterations: [T, k] int32, iterations each core layer executed in each block loop (the while loop's trip
-      count under ``layer_exit_threshold``, else N); None as ``layer_expected_n``.
-    memory_gates: [T, k, 2] float32 mean memory gate value (over batch and positions, padding included) per loop,
-      core layer and bank (local, global), NaN for an absent bank; None without memory banks and in exit-rule
-      calls (whose steps still read the memory).
+      count under ``layer_exit_threshold``, else N; 0 for a block loop an exit rule never ran); None as
+      ``layer_expected_n``.
+    memory_gates: [T, k, 2] float32 mean memory gate value (over batch and positions, padding included; in an
+      exit-rule call over every token the loop computed, exited ones included) per loop, core layer and bank
+      (local, global), NaN for an absent bank and for a block loop never run; None without memory banks and in
+      traced-loop-count calls (whose steps still read the memory).
     """
 
     logits: jax.Array
@@ -214,16 +217,9 @@ class LoopedLM(nnx.Module):
         if core.gate_TBS is not None:
             gate_BST = jnp.moveaxis(core.gate_TBS, 0, -1)
             exit_pdf = exit_distribution(gate_BST)
-        layer_stats = {}
-        if core.layer_stats is not None:  # [T, k, B, S] -> mean over loops, [B, S, k]
-            st = core.layer_stats
-            layer_stats = dict(layer_expected_n=jnp.moveaxis(st.expected_n_BS.mean(0), 0, -1),
-                               layer_exit_iteration=jnp.moveaxis(st.exit_iteration_BS.astype(jnp.float32).mean(0),
-                                                                 0, -1),
-                               layer_iterations=st.iterations)
         return LoopedOutput(logits=logits, hidden=core.out_BSD, step_logits=step_logits,
                             step_hidden=core.step_out_TBSD, gate_logits=gate_BST, exit_pdf=exit_pdf,
-                            memory_gates=core.memory_gates_TK2, **layer_stats)
+                            **layer_outputs(core.layer_stats, core.memory_gates_TK2))
 
     def _halting_call(self, e_BSD, cos_BSh, sin_BSh, layout, *, n_loops, exit_rule, run_all_loops, max_loops,
                       backprop_loops, return_steps, layer_exit_threshold=None) -> LoopedOutput:
@@ -231,8 +227,10 @@ class LoopedLM(nnx.Module):
         graphdef, state = nnx.split(self.core)
 
         def body(state, h):
-            return nnx.merge(graphdef, state).step(h, e_BSD, cos_BSh, sin_BSh, layout,
-                                                   layer_exit_threshold=layer_exit_threshold)
+            new_h, out, gate, stats, mem_gates = nnx.merge(graphdef, state).step(
+                h, e_BSD, cos_BSh, sin_BSh, layout, layer_exit_threshold=layer_exit_threshold,
+                return_layer_stats=True)
+            return new_h, out, gate, (stats, mem_gates)
 
         scan_body = remat(body, self.cfg.remat_policy, in_scan=True, scope=self.cfg.remat_scope)
         h0 = self.core.initial_state(e_BSD)
@@ -248,10 +246,44 @@ class LoopedLM(nnx.Module):
         step_logits = None
         if res.step_out_TBSD is not None:
             step_logits = self.step_readout(res.step_out_TBSD, cos_BSh, sin_BSh, layout)
+        extras = {}
+        if res.aux_T is not None:  # loops a token ran: t < its exit step (all of them under run_all_loops)
+            loop_T = jnp.arange(n_loops)
+            exit_BS = jnp.full_like(res.exit_step_BS, n_loops) if run_all_loops else res.exit_step_BS
+            ran_TBS = loop_T[:, None, None] < exit_BS[None]
+            extras = layer_outputs(*res.aux_T, ran_TBS=ran_TBS, executed_T=loop_T < res.n_iterations)
         return LoopedOutput(logits=self.readout(res.out_BSD, cos_BSh, sin_BSh, layout), hidden=res.out_BSD,
                             step_logits=step_logits, step_hidden=res.step_out_TBSD, gate_logits=res.gate_BST,
                             exit_pdf=None if res.gate_BST is None else exit_distribution(res.gate_BST),
-                            exit_step=res.exit_step_BS, n_iterations=res.n_iterations)
+                            exit_step=res.exit_step_BS, n_iterations=res.n_iterations, **extras)
+
+
+def layer_outputs(stats: LayerLoopStats | None, memory_gates_TK2: jax.Array | None,
+                  ran_TBS: jax.Array | None = None, executed_T: jax.Array | None = None) -> dict:
+    """``LoopedOutput``'s per-layer fields from per-loop statistics (leading axes [T, k]).
+
+    ran_TBS: bool, the block loops each token ran (default: all): per-token fields average over those only.
+    executed_T: bool, the block loops executed at all (default: all); the others report 0 iterations and NaN gates.
+    """
+    out = {}
+    if stats is not None:
+        def per_token(x_TKBS):  # mean over the loops each token ran -> [B, S, k]
+            x = x_TKBS.astype(jnp.float32)
+            if ran_TBS is None:
+                return jnp.moveaxis(x.mean(0), 0, -1)
+            w = ran_TBS[:, None].astype(jnp.float32)
+            return jnp.moveaxis((w * x).sum(0) / w.sum(0), 0, -1)
+
+        iterations = stats.iterations
+        if executed_T is not None:
+            iterations = jnp.where(executed_T[:, None], iterations, 0)
+        out.update(layer_expected_n=per_token(stats.expected_n_BS),
+                   layer_exit_iteration=per_token(stats.exit_iteration_BS), layer_iterations=iterations)
+    if memory_gates_TK2 is not None:
+        if executed_T is not None:
+            memory_gates_TK2 = jnp.where(executed_T[:, None, None], memory_gates_TK2, jnp.nan)
+        out.update(memory_gates=memory_gates_TK2)
+    return out
 
 
 def count_params(model: nnx.Module) -> int:

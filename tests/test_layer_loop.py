@@ -507,6 +507,45 @@ def test_block_loop_exit_rules_drive_cores_with_layer_loops():
     np.testing.assert_allclose(frozen.logits, plain.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_exit_rule_calls_report_per_layer_stats_and_gates_of_the_loops_run():
+    """Under a block-loop exit rule the per-layer fields cover the loops each token ran: with every token exiting
+    after loop 2 of 3 they equal a plain 2-loop call's, loop 3 reports 0 iterations and NaN gates; with
+    run_all_loops they equal the plain 3-loop call's. The per-layer loops run adaptively in both."""
+    model = _model(n_loops=3, memory_local_slots=4, memory_global_slots=2, memory_gate_bias=0.5)
+    tokens = _tokens()
+    fields = ("layer_expected_n", "layer_exit_iteration", "layer_iterations", "memory_gates")
+    for threshold in (None, 0.6):
+        two, three = (model(tokens, n_loops=n, layer_exit_threshold=threshold) for n in (2, 3))
+        early = model(tokens, n_loops=3, exit_rule=lj.FixedExit(2), layer_exit_threshold=threshold)
+        for f in fields[:2]:
+            np.testing.assert_allclose(getattr(early, f), getattr(two, f), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(early.layer_iterations[:2], two.layer_iterations)
+        np.testing.assert_array_equal(early.layer_iterations[2], 0)
+        np.testing.assert_allclose(early.memory_gates[:2], two.memory_gates, rtol=1e-5, atol=1e-6)
+        assert np.isnan(np.asarray(early.memory_gates[2])).all()
+        full = model(tokens, n_loops=3, exit_rule=lj.FixedExit(2), run_all_loops=True,
+                     layer_exit_threshold=threshold)
+        for f in fields:
+            np.testing.assert_allclose(getattr(full, f), getattr(three, f), rtol=1e-5, atol=1e-6)
+        if threshold is not None:  # the threshold did stop some tokens early
+            assert float(np.asarray(early.layer_exit_iteration).min()) < model.cfg.layer_loops
+
+
+def test_exit_rule_per_token_stats_average_over_the_loops_each_token_ran():
+    """Tokens exiting at different block loops: each token's per-layer E[n] is the mean over its own loops."""
+    from loopjax.model import layer_outputs
+    from loopjax.layer_loop import LayerLoopStats
+
+    rng = np.random.default_rng(0)
+    en_TKBS = jnp.asarray(rng.uniform(1, 3, (3, 2, 1, 4)), jnp.float32)
+    stats = LayerLoopStats(en_TKBS, jnp.full((3, 2, 1, 4), 3, jnp.int32), jnp.full((3, 2), 3, jnp.int32))
+    exit_BS = np.array([[1, 2, 3, 3]])
+    ran_TBS = jnp.arange(3)[:, None, None] < exit_BS[None]
+    got = layer_outputs(stats, None, ran_TBS=ran_TBS, executed_T=jnp.arange(3) < 3)["layer_expected_n"]
+    want = np.stack([np.asarray(en_TKBS)[:e, :, 0, i].mean(0) for i, e in enumerate(exit_BS[0])])
+    np.testing.assert_allclose(got[0], want, rtol=1e-6)
+
+
 def test_ouro_export_refuses_layer_loops():
     from loopjax.convert.ouro import hf_ouro_config
 
