@@ -38,7 +38,7 @@ import loopjax as lj
 def base_config(args) -> lj.LoopedConfig:
     return lj.LoopedConfig(vocab_size=512, d_model=args.d_model, n_heads=4, n_kv_heads=4, d_ff=4 * args.d_model,
                            n_layers=args.layers, n_loops=1, max_seq_len=args.seq, exit_gate=False,
-                           remat_scope=args.remat_scope)
+                           remat_scope=args.remat_scope, scan_layers=args.scan_layers)
 
 
 def ce_loss(graphdef, st, tokens_BS, **call):
@@ -99,7 +99,8 @@ def bench_compile(args) -> list[dict]:
                          params=lj.count_params(nnx.eval_shape(lambda cfg=cfg: lj.LoopedLM(cfg, rngs=nnx.Rngs(0))))))
         print(rows[-1], flush=True)
     print(f"\n{args.layers} layers, d_model {args.d_model}, batch {args.batch} x {args.seq}, remat 'full' scope "
-          f"{args.remat_scope!r}, {jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f}")
+          f"{args.remat_scope!r}, scan_layers={args.scan_layers}, {jax.devices()[0].platform}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print("| model | N | params | compile s (min) | compile s (median) | compile vs N=1 (min) | "
           "compile vs N=1 (median) | temp MiB | temp vs N=1 |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -252,6 +253,8 @@ def main(argv=None):
     ap.add_argument("--global-slots", type=int, default=128)
     ap.add_argument("--remat-scope", default="layer", choices=["loop", "layer", "both"],
                     help="where jax.checkpoint goes (LoopedConfig.remat_scope; policy 'full')")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="LoopedConfig.scan_layers: the core layers as one lax.scan (the frey_200m preset's setting)")
     ap.add_argument("--threshold", type=float, default=0.99, help="layer_exit_threshold (adaptive)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--compile-repeats", type=int, default=3, help="compile: compiles per (model, N), interleaved")
