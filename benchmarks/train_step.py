@@ -1,7 +1,7 @@
 """Train-step throughput: tokens/s and model FLOP utilisation against a matmul peak measured in the same run.
 
     python -m benchmarks.train_step [--configs small medium] [--steps 5] [--remat none] [--torch-ref DIR]
-                                    [--gemms] [--out benchmarks/results/train_step.json]
+                                    [--gemms] [--profile DIR] [--out benchmarks/results/train_step.json]
 
 Ouro-style models (sandwich norm, step norm, exit gate, untied head) trained with AdamW on Ouro's expected loss
 Σ_t p_t·CE_t − β·H(p) over every loop's logits, so the LM head runs at every loop. One jitted step with donated
@@ -20,6 +20,8 @@ alternating with loopjax's so both see the same machine load, and the table give
 torch's own matmul peak on the same shapes is measured next to XLA's. Without it the PyTorch column reads "not
 measured". ``--gemms`` also times every matmul shape of the step (forward, input and weight gradients) in both
 frameworks: the step's time at each framework's GEMM rate, to split a gap into GEMM rate and everything else.
+``--profile DIR`` traces two more loopjax steps with ``jax.profiler`` and prints each op family's share of the op
+time (``benchmarks/xla_profile.py``).
 The load average is recorded with every timed figure (a shared machine moves them all).
 """
 
@@ -39,7 +41,7 @@ import optax
 from flax import nnx
 
 import loopjax as lj
-from benchmarks import torch_ouro
+from benchmarks import torch_ouro, xla_profile
 from loopjax import halting
 
 CONFIGS = {
@@ -157,7 +159,8 @@ def gemm_split(cfg: lj.LoopedConfig, b: int, s: int, repeats: int, torch_mod) ->
 
 
 def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | None, seq: int | None,
-          torch_mod=None, torch_ref: str | None = None, torch_attn: str = "sdpa") -> dict:
+          torch_mod=None, torch_ref: str | None = None, torch_attn: str = "sdpa", profile_dir: str | None = None
+          ) -> dict:
     _, b, s = CONFIGS[name]
     b, s = batch or b, seq or s
     cfg = model_config(name, compute_dtype, remat, s)
@@ -192,6 +195,8 @@ def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | No
     row = dict(config=name, batch=b, seq=s, params=n_params, compile_s=compile_s, step_s=step_s, step_s_all=times,
                tokens_per_s=b * s / step_s, model_flops_per_step=flops, achieved_flops=flops / step_s,
                losses=losses, remat=remat, compute_dtype=compute_dtype, load_avg_per_step=loads)
+    if profile_dir is not None:  # after the timed steps: two more under the profiler
+        state, row["profile"] = xla_profile.trace_steps(compiled, state, tokens[1:3], os.path.join(profile_dir, name))
     if torch_step is not None:
         t_step = statistics.median(t_times)
         row.update(torch_step_s=t_step, torch_step_s_all=t_times, torch_tokens_per_s=b * s / t_step,
@@ -213,6 +218,8 @@ def main(argv=None):
                     help="folder with the published Ouro modeling_ouro.py: time PyTorch side by side")
     ap.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--gemms", action="store_true", help="also time every matmul shape of the step")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also trace 2 loopjax steps per config into DIR and print each op family's share of op time")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     args = ap.parse_args(argv)
 
@@ -228,7 +235,7 @@ def main(argv=None):
     rows = []
     for name in args.configs:
         r = bench(name, compute_dtype, args.remat, args.steps, args.batch, args.seq, torch_mod, args.torch_ref,
-                  args.torch_attn)
+                  args.torch_attn, args.profile)
         r["mfu"] = r["achieved_flops"] / peak
         if "torch_step_s" in r:
             r["torch_mfu"] = r["model_flops_per_step"] / r["torch_step_s"] / peaks["torch"]
@@ -275,6 +282,16 @@ def main(argv=None):
             bt = f"{x['batch']} x " if x["batch"] > 1 else ""
             print(f"| {x['name']} | {bt}{x['m']} x {x['k']} x {x['n']}{' ' + tr if tr else ''} | {x['count']} | "
                   f"{x['jax_flops_per_s'] / 1e9:.1f} | {t_rate} | {x['jax_s']:.3f} | {t_s} |")
+    for r in rows:
+        if "profile" not in r:
+            continue
+        prof = r["profile"]
+        print(f"\n{r['config']}: XLA profile, {sum(x['seconds_per_step'] for x in prof):.3f} s of op time per step "
+              "(summed over threads)")
+        print("| op | s/step | share |")
+        print("|---|---|---|")
+        for x in prof[:15]:
+            print(f"| {x['op']} | {x['seconds_per_step']:.3f} | {100 * x['share']:.1f}% |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(args=vars(args), backend=backend, device=jax.devices()[0].device_kind, cpus=os.cpu_count(),

@@ -35,3 +35,27 @@ def test_layer_loop_benchmark_for_loop_is_the_same_model():
     np.testing.assert_allclose(loss_for, loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_for), jax.tree.leaves(g)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_xla_profile_shares_leave_out_enclosing_events_and_sum_instances():
+    from benchmarks import xla_profile
+
+    events = [dict(ph="X", name="ynn_fusion.3", dur=300.0), dict(ph="X", name="ynn_fusion", dur=100.0),
+              dict(ph="X", name="copy_bitcast_fusion.12", dur=100.0), dict(ph="X", name="cond.7", dur=450.0),
+              dict(ph="X", name="ThunkExecutor::Execute", dur=999.0), dict(ph="i", name="copy", dur=5.0)]
+    shares = xla_profile.op_shares(events, steps=2)
+    assert [(x["op"], x["seconds_per_step"], x["share"]) for x in shares] == [
+        ("ynn_fusion", 200e-6, 0.8), ("copy_bitcast_fusion", 50e-6, 0.2)]
+
+
+def test_xla_profile_traces_a_compiled_step(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import xla_profile
+
+    step = jax.jit(lambda st, x: (st + 1, jnp.tanh(x @ x.T).sum()))
+    x = jax.random.normal(jax.random.key(0), (64, 64))
+    state, shares = xla_profile.trace_steps(step, jnp.int32(0), [x, x], str(tmp_path))
+    assert int(state) == 2
+    assert shares and abs(sum(s["share"] for s in shares) - 1) < 1e-9
