@@ -11,8 +11,8 @@ temp bytes. Goal (issue 29): compile <= 1.5x and temp <= 3x at N = 8 vs N = 1.
 ``scan``: train tokens/s of a Loop+Mem step (value_and_grad + an SGD update) with the per-layer iterations as one
 ``lax.scan`` vs the same model and parameters with them traced as a Python for-loop; timed interleaved, minimum
 over repeats (the CPU is shared). ``adaptive``: routers set (weights zeroed, bias chosen) so every token exits at
-iteration d = 1, N/2, N, plus a random router (mixed exits); the while-loop call timed interleaved with the
-all-N call. Goal: time ratio <= 1.25x the depth ratio (iterations run / N) when tokens exit early.
+iteration d = 1, N/2, N, plus a random router (mixed exits), plus the model trained ``--train-steps`` steps
+with a ponder cost (learned exits); the while-loop call timed interleaved with the all-N call. Goal: time ratio <= 1.25x the depth ratio (iterations run / N) when tokens exit early.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 import loopjax as lj
@@ -190,6 +191,33 @@ def router_bias_for_exit(depth: int, n: int, threshold: float) -> float:
     return math.log(lam / (1.0 - lam))
 
 
+def train_with_ponder(graphdef, state, cfg: lj.LoopedConfig, args):
+    """The benchmark model trained by AdamW on a learnable stream (each row counts up by a random stride modulo
+    the vocabulary) with next-token CE plus the ponder cost λ·(mean E[n] − 1)/(N − 1): routers learn to halt."""
+    opt = optax.adamw(3e-3)
+
+    def loss_fn(st, tok):
+        out = nnx.merge(graphdef, st)(tok)
+        logp = jax.nn.log_softmax(out.logits[:, :-1])
+        ce = -jnp.take_along_axis(logp, tok[:, 1:, None], -1).mean()
+        return ce + args.ponder_weight * (out.layer_expected_n.mean() - 1) / (cfg.layer_loops - 1)
+
+    @jax.jit
+    def step(st, opt_st, key):
+        k1, k2 = jax.random.split(key)
+        start = jax.random.randint(k1, (args.batch, 1), 0, cfg.vocab_size)
+        stride = jax.random.randint(k2, (args.batch, 1), 1, 8)
+        tok = (start + stride * jnp.arange(args.seq)) % cfg.vocab_size
+        grads = jax.grad(loss_fn)(st, tok)
+        updates, opt_st = opt.update(grads, opt_st, st)
+        return optax.apply_updates(st, updates), opt_st
+
+    st, opt_st = state, opt.init(state)
+    for i in range(args.train_steps):
+        st, opt_st = step(st, opt_st, jax.random.key(100 + i))
+    return st
+
+
 def bench_adaptive(args) -> list[dict]:
     """Inference: the masked while loop (``layer_exit_threshold``) vs all N iterations, at controlled exit depths."""
     n, threshold = args.n, args.threshold
@@ -197,7 +225,6 @@ def bench_adaptive(args) -> list[dict]:
     graphdef, state = nnx.split(lj.LoopedLM(cfg, rngs=nnx.Rngs(0)))
     tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, cfg.vocab_size)
     full = jax.jit(lambda st, tok: nnx.merge(graphdef, st)(tok).logits)
-    adaptive = jax.jit(lambda st, tok: nnx.merge(graphdef, st)(tok, layer_exit_threshold=threshold))
 
     def with_routers(w_scale: float, bias: float):
         st = jax.tree.map(lambda x: x, state)
@@ -207,11 +234,16 @@ def bench_adaptive(args) -> list[dict]:
             loop["router_b"][...] = jnp.asarray(bias, jnp.float32)
         return st
 
-    cases = [(f"all exit at {d}", with_routers(0.0, router_bias_for_exit(d, n, threshold)))
+    cases = [(f"all exit at {d}", with_routers(0.0, router_bias_for_exit(d, n, threshold)), threshold)
              for d in sorted({1, n // 2, n})]
-    cases.append(("mixed (random router)", with_routers(40.0, router_bias_for_exit(max(n // 2, 1), n, threshold))))
+    cases.append(("mixed (random router)", with_routers(40.0, router_bias_for_exit(max(n // 2, 1), n, threshold)),
+                  threshold))
+    if args.train_steps:
+        cases.append((f"trained ({args.train_steps} steps, ponder {args.ponder_weight}), threshold "
+                      f"{args.trained_threshold}", train_with_ponder(graphdef, state, cfg, args), args.trained_threshold))
     rows = []
-    for name, st in cases:
+    for name, st, thr in cases:
+        adaptive = jax.jit(lambda st, tok, thr=thr: nnx.merge(graphdef, st)(tok, layer_exit_threshold=thr))
         out = adaptive(st, tokens)
         iters = np.asarray(out.layer_iterations)  # [T, k] iterations each core layer executed
         exit_BSK = np.asarray(out.layer_exit_iteration)
@@ -257,6 +289,11 @@ def main(argv=None):
                     help="LoopedConfig.scan_layers: the core layers as one lax.scan (the frey_200m preset's setting)")
     ap.add_argument("--threshold", type=float, default=0.99, help="layer_exit_threshold (adaptive)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--train-steps", type=int, default=300,
+                    help="adaptive: also time a model trained this many steps with a ponder cost (0: skip)")
+    ap.add_argument("--ponder-weight", type=float, default=1.0, help="adaptive: ponder cost weight when training")
+    ap.add_argument("--trained-threshold", type=float, default=0.9,
+                    help="adaptive: layer_exit_threshold for the trained model")
     ap.add_argument("--compile-repeats", type=int, default=3, help="compile: compiles per (model, N), interleaved")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
