@@ -651,9 +651,23 @@ def _worker_main(job_path: str, out_path: str) -> int:
     return 2 if "error" in result else 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m loopjax.aot ...``: the same options as ``loopjax aot`` (KEY=VALUE overrides may follow them)."""
+    parser = argparse.ArgumentParser(prog="python -m loopjax.aot", description="compile the train step for a TPU "
+                                     "topology: memory, cost, est MFU")
+    add_arguments(parser)
+    args, extra = parser.parse_known_args(argv)
+    if any(a.startswith("-") or "=" not in a for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra
+    try:
+        return cmd_aot(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"loopjax aot: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         sys.exit(_worker_main(sys.argv[2], sys.argv[3]))
-    from loopjax.cli import main
-
-    sys.exit(main(["aot", *sys.argv[1:]]))
+    sys.exit(main())

@@ -181,3 +181,21 @@ def test_generate_bad_combinations_are_clear_errors(flags, match, capsys):
 def test_generate_checkpoint_without_run_config_is_an_error(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
     assert "no checkpoints/config.json" in capsys.readouterr().err
+
+
+def test_python_m_loopjax_aot_parses_like_the_cli_without_importing_it(capsys):
+    from loopjax import aot
+
+    assert aot.main(["tiny", "--topology", "v5e:1x1", "--cost", "none", "model.bogus=1"]) == 2
+    assert "unknown config key 'model.bogus'" in capsys.readouterr().err
+
+
+def test_no_library_module_imports_the_cli():
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "loopjax"
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.name != "cli.py" and re.search(r"^\s*(from loopjax\.cli|from loopjax import cli|import loopjax\.cli)",
+                                                     p.read_text(), re.M)]
+    assert offenders == []
