@@ -1,12 +1,15 @@
 """Train-step throughput: tokens/s and model FLOP utilisation against a matmul peak measured in the same run.
 
     python -m benchmarks.train_step [--configs small medium] [--steps 5] [--remat none] [--torch-ref DIR]
-                                    [--gemms] [--profile DIR] [--out benchmarks/results/train_step.json]
+                                    [--scan-unroll 1 full] [--gemms] [--profile DIR]
+                                    [--out benchmarks/results/train_step.json]
 
 Ouro-style models (sandwich norm, step norm, exit gate, untied head) trained with AdamW on Ouro's expected loss
 Σ_t p_t·CE_t − β·H(p) over every loop's logits, so the LM head runs at every loop. One jitted step with donated
-state. ``small`` = vocab 4096, d_model 256, 4 layers, 8 heads / 8 KV heads, d_ff 1024, 4 loops, batch 8 x 256;
-``medium`` = vocab 8192, d_model 512, 8 layers, 8 heads, d_ff 1408, 4 loops, batch 4 x 256.
+state. ``--scan-unroll``: one loopjax row per value of ``LoopedConfig.scan_unroll``, 1 (the library default:
+the loops as a ``lax.scan``) and ``full`` (the loops unrolled; XLA:CPU then overlaps work across loop boundaries),
+their steps alternating. ``small`` = vocab 4096, d_model 256, 4 layers, 8 heads / 8 KV heads, d_ff 1024,
+4 loops, batch 8 x 256; ``medium`` = vocab 8192, d_model 512, 8 layers, 8 heads, d_ff 1408, 4 loops, batch 4 x 256.
 
 Model FLOPs are ``lj.train_flops(cfg, S, L, readouts=L)`` (matmuls only, 3x forward; remat recomputation is not
 counted). The peak is the best FLOP/s of square matmuls (1024³ and 2048³ on CPU) in the compute dtype on the same
@@ -53,11 +56,12 @@ ENTROPY_BETA = 0.05
 NOT_MEASURED = "not measured"
 
 
-def model_config(name: str, compute_dtype: str, remat: str, seq: int) -> lj.LoopedConfig:
+def model_config(name: str, compute_dtype: str, remat: str, seq: int, scan_unroll: int | bool = 1
+                 ) -> lj.LoopedConfig:
     sizes, _, _ = CONFIGS[name]
     return lj.LoopedConfig(**sizes, n_loops=N_LOOPS, max_seq_len=seq, norm_scheme="sandwich", step_norm=True,
                            exit_gate=True, tie_embeddings=False, rope_theta=1e6, param_dtype="float32",
-                           compute_dtype=compute_dtype, remat_policy=remat)
+                           compute_dtype=compute_dtype, remat_policy=remat, scan_unroll=scan_unroll)
 
 
 def expected_loss(model: lj.LoopedLM, tokens_BS: jax.Array) -> jax.Array:
@@ -158,19 +162,35 @@ def gemm_split(cfg: lj.LoopedConfig, b: int, s: int, repeats: int, torch_mod) ->
     return rows
 
 
+def parse_unroll(value: str) -> int | bool:
+    """A ``--scan-unroll`` value: "full" -> True (the loops unrolled), else a positive int (1: the plain scan)."""
+    if value == "full":
+        return True
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--scan-unroll {value!r}: must be 'full' or a positive int")
+    return int(value)
+
+
 def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | None, seq: int | None,
-          torch_mod=None, torch_ref: str | None = None, torch_attn: str = "sdpa", profile_dir: str | None = None
-          ) -> dict:
+          torch_mod=None, torch_ref: str | None = None, torch_attn: str = "sdpa", profile_dir: str | None = None,
+          unrolls: tuple = (1,)) -> list[dict]:
+    """One row per ``scan_unroll`` value; the loopjax variants' steps and PyTorch's alternate."""
     _, b, s = CONFIGS[name]
     b, s = batch or b, seq or s
-    cfg = model_config(name, compute_dtype, remat, s)
-    step, state, n_params = make_train_step(cfg)
-    tokens = [jax.random.randint(jax.random.key(10 + i), (b, s), 0, cfg.vocab_size) for i in range(steps + 1)]
-    t0 = time.perf_counter()
-    compiled = step.lower(state, tokens[0]).compile()
-    compile_s = time.perf_counter() - t0
-    state, loss = compiled(state, tokens[0])  # warm-up
-    jax.block_until_ready(loss)
+    tokens = None
+    runs = []
+    for unroll in unrolls:
+        cfg = model_config(name, compute_dtype, remat, s, scan_unroll=unroll)
+        step, state, n_params = make_train_step(cfg)
+        if tokens is None:
+            tokens = [jax.random.randint(jax.random.key(10 + i), (b, s), 0, cfg.vocab_size) for i in range(steps + 1)]
+        t0 = time.perf_counter()
+        compiled = step.lower(state, tokens[0]).compile()
+        compile_s = time.perf_counter() - t0
+        state, loss = compiled(state, tokens[0])  # warm-up
+        jax.block_until_ready(loss)
+        runs.append(dict(cfg=cfg, compiled=compiled, state=state, n_params=n_params, compile_s=compile_s,
+                         times=[], losses=[], loads=[]))
     torch_step = None
     if torch_mod is not None:
         import torch
@@ -179,30 +199,41 @@ def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | No
         torch_step = torch_mod.make_train_step(tmodel, ENTROPY_BETA)
         t_tokens = [torch.from_numpy(np.asarray(t, np.int64)) for t in tokens]
         torch_step(t_tokens[0])  # warm-up
-    times, losses, loads, t_times, t_losses = [], [], [], [], []
-    for i, t in enumerate(tokens[1:], 1):  # alternate: loopjax step i, then PyTorch step i
-        loads.append(os.getloadavg()[0])
-        t0 = time.perf_counter()
-        state, loss = compiled(state, t)
-        losses.append(float(loss))  # forces completion of the step
-        times.append(time.perf_counter() - t0)
+    t_times, t_losses = [], []
+    for i, t in enumerate(tokens[1:], 1):  # alternate: each loopjax variant's step i, then PyTorch's step i
+        for run in (runs if i % 2 else runs[::-1]):
+            run["loads"].append(os.getloadavg()[0])
+            t0 = time.perf_counter()
+            run["state"], loss = run["compiled"](run["state"], t)
+            run["losses"].append(float(loss))  # forces completion of the step
+            run["times"].append(time.perf_counter() - t0)
         if torch_step is not None:
             t0 = time.perf_counter()
             t_losses.append(torch_step(t_tokens[i]))
             t_times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    flops = b * lj.train_flops(cfg, s, cfg.n_loops, readouts=cfg.n_loops)
-    row = dict(config=name, batch=b, seq=s, params=n_params, compile_s=compile_s, step_s=step_s, step_s_all=times,
-               tokens_per_s=b * s / step_s, model_flops_per_step=flops, achieved_flops=flops / step_s,
-               losses=losses, remat=remat, compute_dtype=compute_dtype, load_avg_per_step=loads)
-    if profile_dir is not None:  # after the timed steps: two more under the profiler
-        state, row["profile"] = xla_profile.trace_steps(compiled, state, tokens[1:3], os.path.join(profile_dir, name))
-    if torch_step is not None:
-        t_step = statistics.median(t_times)
-        row.update(torch_step_s=t_step, torch_step_s_all=t_times, torch_tokens_per_s=b * s / t_step,
-                   torch_losses=t_losses, torch_attn=torch_attn, torch_threads=torch.get_num_threads(),
-                   ratio_vs_torch=t_step / step_s)
-    return row
+    rows = []
+    for unroll, run in zip(unrolls, runs):
+        cfg, times = run["cfg"], run["times"]
+        step_s = statistics.median(times)
+        flops = b * lj.train_flops(cfg, s, cfg.n_loops, readouts=cfg.n_loops)
+        row = dict(config=name, scan_unroll=unroll, batch=b, seq=s, params=run["n_params"],
+                   compile_s=run["compile_s"], step_s=step_s, step_s_all=times, tokens_per_s=b * s / step_s,
+                   model_flops_per_step=flops, achieved_flops=flops / step_s, losses=run["losses"], remat=remat,
+                   compute_dtype=compute_dtype, load_avg_per_step=run["loads"])
+        if profile_dir is not None:  # after the timed steps: two more under the profiler
+            out = os.path.join(profile_dir, f"{name}_unroll{unroll_label(unroll)}")
+            run["state"], row["profile"] = xla_profile.trace_steps(run["compiled"], run["state"], tokens[1:3], out)
+        if torch_step is not None:
+            t_step = statistics.median(t_times)
+            row.update(torch_step_s=t_step, torch_step_s_all=t_times, torch_tokens_per_s=b * s / t_step,
+                       torch_losses=t_losses, torch_attn=torch_attn, torch_threads=torch.get_num_threads(),
+                       ratio_vs_torch=t_step / step_s)
+        rows.append(row)
+    return rows
+
+
+def unroll_label(unroll: int | bool) -> str:
+    return "full" if unroll is True else str(unroll)
 
 
 def main(argv=None):
@@ -220,6 +251,9 @@ def main(argv=None):
     ap.add_argument("--gemms", action="store_true", help="also time every matmul shape of the step")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also trace 2 loopjax steps per config into DIR and print each op family's share of op time")
+    ap.add_argument("--scan-unroll", nargs="+", type=parse_unroll, default=[1, True], metavar="U",
+                    help="the loop scan's unroll, one loopjax row each: 1 (the library default, a scan over the "
+                         "loops) and/or 'full' (the loops unrolled) or another int (default: 1 full)")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     args = ap.parse_args(argv)
 
@@ -234,16 +268,17 @@ def main(argv=None):
     peak = peaks["jax"]
     rows = []
     for name in args.configs:
-        r = bench(name, compute_dtype, args.remat, args.steps, args.batch, args.seq, torch_mod, args.torch_ref,
-                  args.torch_attn, args.profile)
-        r["mfu"] = r["achieved_flops"] / peak
-        if "torch_step_s" in r:
-            r["torch_mfu"] = r["model_flops_per_step"] / r["torch_step_s"] / peaks["torch"]
-        if args.gemms:
+        config_rows = bench(name, compute_dtype, args.remat, args.steps, args.batch, args.seq, torch_mod,
+                            args.torch_ref, args.torch_attn, args.profile, tuple(args.scan_unroll))
+        for r in config_rows:
+            r["mfu"] = r["achieved_flops"] / peak
+            if "torch_step_s" in r:
+                r["torch_mfu"] = r["model_flops_per_step"] / r["torch_step_s"] / peaks["torch"]
+        if args.gemms:  # the matmul shapes do not depend on the unroll: once per config
             _, b, s = CONFIGS[name]
             cfg = model_config(name, compute_dtype, args.remat, args.seq or s)
-            r["gemms"] = gemm_split(cfg, args.batch or b, args.seq or s, 3, torch_mod)
-        rows.append(r)
+            config_rows[0]["gemms"] = gemm_split(cfg, args.batch or b, args.seq or s, 3, torch_mod)
+        rows.extend(config_rows)
 
     loads = [x for r in rows for x in r["load_avg_per_step"]]
     torch_peak = f"{peaks['torch'] / 1e9:.1f}" if peaks["torch"] else NOT_MEASURED
@@ -251,16 +286,17 @@ def main(argv=None):
           f"compute {compute_dtype}, remat={args.remat}; matmul peak (best of {args.matmul_n or 'default'} squares) "
           f"XLA {peak / 1e9:.1f} GFLOP/s, torch {torch_peak}; load average during the steps "
           f"{min(loads):.1f}-{max(loads):.1f}" + (f"; PyTorch {torch_why}" if torch_why else ""))
-    print("| config | params | batch x seq | compile (s) | step (s) | tokens/s | GFLOP/s | MFU (XLA peak) "
-          "| PyTorch Ouro tokens/s | PyTorch MFU (torch peak) | loopjax / PyTorch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | scan_unroll | params | batch x seq | compile (s) | step (s) | tokens/s | GFLOP/s "
+          "| MFU (XLA peak) | PyTorch Ouro tokens/s | PyTorch MFU (torch peak) | loopjax / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "torch_step_s" in r:
             tcols = (f"{r['torch_tokens_per_s']:.0f} ({r['torch_attn']}) | {100 * r['torch_mfu']:.1f}% | "
                      f"{r['ratio_vs_torch']:.2f}x")
         else:
             tcols = f"{NOT_MEASURED} | {NOT_MEASURED} | {NOT_MEASURED}"
-        print(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq']} | {r['compile_s']:.1f} | "
+        print(f"| {r['config']} | {unroll_label(r['scan_unroll'])} | {r['params'] / 1e6:.1f}M | "
+              f"{r['batch']} x {r['seq']} | {r['compile_s']:.1f} | "
               f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['achieved_flops'] / 1e9:.1f} | "
               f"{100 * r['mfu']:.1f}% | {tcols} |")
     for r in rows:
@@ -286,7 +322,8 @@ def main(argv=None):
         if "profile" not in r:
             continue
         prof = r["profile"]
-        print(f"\n{r['config']}: XLA profile, {sum(x['seconds_per_step'] for x in prof):.3f} s of op time per step "
+        print(f"\n{r['config']} (scan_unroll={unroll_label(r['scan_unroll'])}): XLA profile, "
+              f"{sum(x['seconds_per_step'] for x in prof):.3f} s of op time per step "
               "(summed over threads)")
         print("| op | s/step | share |")
         print("|---|---|---|")

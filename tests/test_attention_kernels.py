@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
+from loopjax.attention import chunked
 from loopjax.attention.chunked import chunked_attention, default_blocks
 from loopjax.attention.cudnn import cudnn_attention, cudnn_supported
 from loopjax.attention.splash import splash_attention
@@ -89,8 +90,11 @@ CHUNKED_CASES = {
 }
 
 
+@pytest.mark.parametrize("driver", ["loops", "unrolled"])
 @pytest.mark.parametrize("case", list(CHUNKED_CASES))
-def test_chunked_matches_numpy_values_and_grads(case):
+def test_chunked_matches_numpy_values_and_grads(case, driver, monkeypatch):
+    """Both drivers of the block pairs (loops, and straight-line code for few pairs) against float64 NumPy."""
+    monkeypatch.setattr(chunked, "UNROLL_MAX_PAIRS", 0 if driver == "loops" else 10**6)
     b, s, t, n, kh, h, window, starts, bq, bk = CHUNKED_CASES[case]
     (q, k, v), dout = _inputs(list(CHUNKED_CASES).index(case), b, s, t, n, kh, h)
     if starts is None:
@@ -174,6 +178,7 @@ def test_chunked_temp_memory_is_a_small_fraction_of_the_naive_path_at_4k():
 
 
 def test_default_blocks_fit_short_sequences():
+    assert default_blocks(256, 256) == (128, 128)
     assert default_blocks(1024, 1024) == (256, 256)
     assert default_blocks(8192, 8192) == (512, 512)
     assert default_blocks(1, 77) == (8, 80)

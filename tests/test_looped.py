@@ -74,6 +74,23 @@ def test_scan_equals_python_loop_forward_and_grads(variant):
         if "gate" not in path:  # the gate does not feed the logits
             assert float(jnp.abs(b[...]).max()) > 0, path
 
+@pytest.mark.parametrize("unroll", [True, 3])
+def test_scan_unroll_equals_python_loop_forward_grads_and_steps(unroll):
+    """``scan_unroll`` (full, and 3 over 4 loops: a remainder) changes the program, not the numbers: logits and
+    every gradient against the plain loop, and the per-loop outputs and gates against the plain scan."""
+    model = _model(scan_unroll=unroll, **VARIANTS["ouro"])
+    tokens = _tokens()
+    np.testing.assert_allclose(model(tokens, n_loops=4).logits, reference_logits(model, tokens, 4), atol=1e-5)
+    g = nnx.to_flat_state(nnx.grad(lambda m: _ce(m(tokens, n_loops=4).logits, tokens))(model))
+    g_ref = nnx.to_flat_state(nnx.grad(lambda m: _ce(reference_logits(m, tokens, 4), tokens))(model))
+    for (path, a), (_, b) in zip(g, g_ref):
+        np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
+    scan = _model(**VARIANTS["ouro"])
+    a, b = model(tokens, n_loops=4, return_steps=True), scan(tokens, n_loops=4, return_steps=True)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
 
 def test_scan_layers_equals_reference_forward_grads_and_masked_while_loop():
     """``scan_layers``: the k layers as a scan over stacked parameters give the plain-loop logits and gradients

@@ -16,14 +16,20 @@ from jax import lax
 
 from loopjax.attention._checks import check_ids, check_qkv, check_segments, check_window
 
+# Up to this many (query block, key block) pairs run as straight-line code (static slices, no loops), so that
+# XLA:CPU can overlap the blocks' work; more pairs run as loops, whose program size does not grow with S.
+UNROLL_MAX_PAIRS = 16
+
 # Hides padded keys: no query position reaches it, and q_pos - _PAD_POS cannot overflow int32.
 _PAD_POS = 2**30
 
 
 def default_blocks(s: int, t: int) -> tuple[int, int]:
-    """(block_q, block_k) for S queries and T keys, from benchmarks/attention.py on XLA:CPU."""
-    bq = 256 if s <= 4096 else 512
-    bk = 256 if t <= 4096 else 512
+    """(block_q, block_k) for S queries and T keys, from benchmarks/attention.py on XLA:CPU: 128 up to 512
+    (at most 16 block pairs, run as straight-line code; causal skipping then saves a quarter or more of the
+    blocks), 256 up to 4096, 512 beyond."""
+    bq = 128 if s <= 512 else 256 if s <= 4096 else 512
+    bk = 128 if t <= 512 else 256 if t <= 4096 else 512
     return min(bq, _round_up(s, 8)), min(bk, _round_up(t, 8))
 
 
@@ -81,7 +87,8 @@ def chunked_attention(
     q_BKGSH = jnp.pad(q_BKGSH, ((0, 0),) * 3 + ((0, s_pad - s), (0, 0)))
     k_BKTH = jnp.pad(k_BTKH.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, t_pad - t), (0, 0)))
     v_BKTH = jnp.pad(v_BTKH.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, t_pad - t), (0, 0)))
-    cfg = _Cfg(scale=scale, window=None if sliding_window is None else int(sliding_window), has_seg=has_seg, bq=bq, bk=bk)
+    cfg = _Cfg(scale=scale, window=None if sliding_window is None else int(sliding_window), has_seg=has_seg, bq=bq,
+               bk=bk, unroll_pairs=UNROLL_MAX_PAIRS)
     out_BKGSH = _flash(cfg, q_BKGSH, k_BKTH, v_BKTH, qpos_BS, kpos_BT, qseg_BS, kseg_BT)
     return out_BKGSH[:, :, :, :s].transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
 
@@ -94,6 +101,7 @@ class _Cfg(NamedTuple):
     has_seg: bool
     bq: int
     bk: int
+    unroll_pairs: int
 
 
 def _round_up(x: int, m: int) -> int:
@@ -147,102 +155,139 @@ def _slice(x, i, block, axis):
     return lax.dynamic_slice_in_dim(x, i * block, block, axis)
 
 
+def _unrolled(cfg, nq: int, nk: int) -> bool:
+    return nq * nk <= cfg.unroll_pairs
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q_BKGSH, k_BKTH, v_BKTH, qpos_BS, kpos_BT, qseg_BS, kseg_BT):
     return _flash_fwd(cfg, q_BKGSH, k_BKTH, v_BKTH, qpos_BS, kpos_BT, qseg_BS, kseg_BT)[0]
+
+
+def _fwd_block(cfg, q_i, qpos_i, qseg_i, k_j, v_j, kpos_j, kseg_j, carry):
+    """One key block's online-softmax update of a query block's (running max, sum, accumulator)."""
+    m_old, l_old, acc_old = carry
+    vis = _mask(cfg, qpos_i, kpos_j, qseg_i, kseg_j)
+    s_ = jnp.where(vis, _scores(cfg, q_i, k_j), -jnp.inf)
+    m_new = jnp.maximum(m_old, s_.max(-1))
+    # Rows with nothing visible yet keep m = -inf; exponentiate against 0 to get zeros.
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s_ - m_safe[..., None])
+    alpha = jnp.exp(m_old - m_safe)
+    pv = jnp.einsum("bkgqc,bkch->bkgqh", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+    return m_new, l_old * alpha + p.sum(-1), acc_old * alpha[..., None] + pv
+
+
+def _fwd_finish(carry, dtype):
+    """(output, log-sum-exp) of a query block from its final carry; a row that saw no key gets zeros / +inf."""
+    m, l, acc = carry
+    empty = l == 0.0
+    out = (acc / jnp.where(empty, 1.0, l)[..., None]).astype(dtype)
+    lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+    return out, lse
 
 
 def _flash_fwd(cfg, q_BKGSH, k_BKTH, v_BKTH, qpos_BS, kpos_BT, qseg_BS, kseg_BT):
     b, kh, g, s, h = q_BKGSH.shape
     nq, nk = s // cfg.bq, k_BKTH.shape[2] // cfg.bk
     skip_QK = _skip_table(cfg, qpos_BS, kpos_BT, qseg_BS, kseg_BT)
+    init = (jnp.full((b, kh, g, cfg.bq), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, cfg.bq), jnp.float32),
+            jnp.zeros((b, kh, g, cfg.bq, h), jnp.float32))
 
-    def q_block(i):
-        q_i = _slice(q_BKGSH, i, cfg.bq, 3)
-        qpos_i, qseg_i = _slice(qpos_BS, i, cfg.bq, 1), _slice(qseg_BS, i, cfg.bq, 1)
+    def q_slices(i):
+        return _slice(q_BKGSH, i, cfg.bq, 3), _slice(qpos_BS, i, cfg.bq, 1), _slice(qseg_BS, i, cfg.bq, 1)
 
-        def kv_step(j, carry):
-            def compute(carry):
-                m_old, l_old, acc_old = carry
-                k_j, v_j = _slice(k_BKTH, j, cfg.bk, 2), _slice(v_BKTH, j, cfg.bk, 2)
-                vis = _mask(cfg, qpos_i, _slice(kpos_BT, j, cfg.bk, 1), qseg_i,
-                            _slice(kseg_BT, j, cfg.bk, 1))
-                s_ = jnp.where(vis, _scores(cfg, q_i, k_j), -jnp.inf)
-                m_new = jnp.maximum(m_old, s_.max(-1))
-                # Rows with nothing visible yet keep m = -inf; exponentiate against 0 to get zeros.
-                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                p = jnp.exp(s_ - m_safe[..., None])
-                alpha = jnp.exp(m_old - m_safe)
-                pv = jnp.einsum("bkgqc,bkch->bkgqh", p.astype(v_j.dtype), v_j,
-                                preferred_element_type=jnp.float32)
-                return m_new, l_old * alpha + p.sum(-1), acc_old * alpha[..., None] + pv
+    def kv_slices(j):
+        return (_slice(k_BKTH, j, cfg.bk, 2), _slice(v_BKTH, j, cfg.bk, 2), _slice(kpos_BT, j, cfg.bk, 1),
+                _slice(kseg_BT, j, cfg.bk, 1))
 
-            return lax.cond(skip_QK[i, j], lambda c: c, compute, carry)
+    def update(i, j, q_blk, carry):
+        compute = lambda c: _fwd_block(cfg, *q_blk, *kv_slices(j), c)  # noqa: E731
+        return lax.cond(skip_QK[i, j], lambda c: c, compute, carry)
 
-        init = (jnp.full((b, kh, g, cfg.bq), -jnp.inf, jnp.float32),
-                jnp.zeros((b, kh, g, cfg.bq), jnp.float32),
-                jnp.zeros((b, kh, g, cfg.bq, h), jnp.float32))
-        m, l, acc = lax.fori_loop(0, nk, kv_step, init)
-        empty = l == 0.0
-        out = (acc / jnp.where(empty, 1.0, l)[..., None]).astype(q_BKGSH.dtype)
-        lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
-        return out, lse
+    if _unrolled(cfg, nq, nk):
+        blocks = []
+        for i in range(nq):
+            q_blk, carry = q_slices(i), init
+            for j in range(nk):
+                carry = update(i, j, q_blk, carry)
+            blocks.append(_fwd_finish(carry, q_BKGSH.dtype))
+        out_BKGSH = jnp.concatenate([o for o, _ in blocks], axis=3)
+        lse_BKGS = jnp.concatenate([x for _, x in blocks], axis=3)
+    else:
+        def q_block(i):
+            q_blk = q_slices(i)
+            return _fwd_finish(lax.fori_loop(0, nk, lambda j, c: update(i, j, q_blk, c), init), q_BKGSH.dtype)
 
-    out_QBKGqH, lse_QBKGq = lax.map(q_block, jnp.arange(nq))
-    out_BKGSH = out_QBKGqH.transpose(1, 2, 3, 0, 4, 5).reshape(b, kh, g, s, h)
-    lse_BKGS = lse_QBKGq.transpose(1, 2, 3, 0, 4).reshape(b, kh, g, s)
+        out_QBKGqH, lse_QBKGq = lax.map(q_block, jnp.arange(nq))
+        out_BKGSH = out_QBKGqH.transpose(1, 2, 3, 0, 4, 5).reshape(b, kh, g, s, h)
+        lse_BKGS = lse_QBKGq.transpose(1, 2, 3, 0, 4).reshape(b, kh, g, s)
     res = (q_BKGSH, k_BKTH, v_BKTH, qpos_BS, kpos_BT, qseg_BS, kseg_BT, out_BKGSH, lse_BKGS)
     return out_BKGSH, res
+
+
+def _bwd_block(cfg, q_i, do_i, lse_i, delta_i, qpos_i, qseg_i, k_j, v_j, kpos_j, kseg_j, dk, dv, dq_i):
+    """One (query block, key block) pair's gradient contributions added to (dk_j, dv_j, dq_i)."""
+    vis = _mask(cfg, qpos_i, kpos_j, qseg_i, kseg_j)
+    p = jnp.where(vis, jnp.exp(_scores(cfg, q_i, k_j) - lse_i[..., None]), 0.0)
+    dv = dv + jnp.einsum("bkgqc,bkgqh->bkch", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkgqh,bkch->bkgqc", do_i, v_j, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_i[..., None]) * cfg.scale
+    dk = dk + jnp.einsum("bkgqc,bkgqh->bkch", ds.astype(q_i.dtype), q_i, preferred_element_type=jnp.float32)
+    dq_i = dq_i + jnp.einsum("bkgqc,bkch->bkgqh", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
+    return dk, dv, dq_i
 
 
 def _flash_bwd(cfg, res, dout_BKGSH):
     q_BKGSH, k_BKTH, v_BKTH, qpos_BS, kpos_BT, qseg_BS, kseg_BT, out_BKGSH, lse_BKGS = res
     b, kh, g, s, h = q_BKGSH.shape
-    nq, nk = s // cfg.bq, k_BKTH.shape[2] // cfg.bk
+    t = k_BKTH.shape[2]
+    nq, nk = s // cfg.bq, t // cfg.bk
     skip_QK = _skip_table(cfg, qpos_BS, kpos_BT, qseg_BS, kseg_BT)
     delta_BKGS = jnp.einsum("bkgsh,bkgsh->bkgs", dout_BKGSH.astype(jnp.float32),
                             out_BKGSH.astype(jnp.float32))
 
-    def kv_block(dq_BKGSH, j):
-        k_j, v_j = _slice(k_BKTH, j, cfg.bk, 2), _slice(v_BKTH, j, cfg.bk, 2)
-        kpos_j, kseg_j = _slice(kpos_BT, j, cfg.bk, 1), _slice(kseg_BT, j, cfg.bk, 1)
+    def q_slices(i):
+        return (_slice(q_BKGSH, i, cfg.bq, 3), _slice(dout_BKGSH, i, cfg.bq, 3), _slice(lse_BKGS, i, cfg.bq, 3),
+                _slice(delta_BKGS, i, cfg.bq, 3), _slice(qpos_BS, i, cfg.bq, 1), _slice(qseg_BS, i, cfg.bq, 1))
 
-        def q_step(i, carry):
-            dk, dv, dq = carry
+    def kv_slices(j):
+        return (_slice(k_BKTH, j, cfg.bk, 2), _slice(v_BKTH, j, cfg.bk, 2), _slice(kpos_BT, j, cfg.bk, 1),
+                _slice(kseg_BT, j, cfg.bk, 1))
 
-            def compute(dk, dv):
-                q_i, do_i = _slice(q_BKGSH, i, cfg.bq, 3), _slice(dout_BKGSH, i, cfg.bq, 3)
-                lse_i, delta_i = _slice(lse_BKGS, i, cfg.bq, 3), _slice(delta_BKGS, i, cfg.bq, 3)
-                vis = _mask(cfg, _slice(qpos_BS, i, cfg.bq, 1), kpos_j, _slice(qseg_BS, i, cfg.bq, 1),
-                            kseg_j)
-                p = jnp.where(vis, jnp.exp(_scores(cfg, q_i, k_j) - lse_i[..., None]), 0.0)
-                dv = dv + jnp.einsum("bkgqc,bkgqh->bkch", p.astype(do_i.dtype), do_i,
-                                     preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bkgqh,bkch->bkgqc", do_i, v_j, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_i[..., None]) * cfg.scale
-                dk = dk + jnp.einsum("bkgqc,bkgqh->bkch", ds.astype(q_i.dtype), q_i,
-                                     preferred_element_type=jnp.float32)
-                dq_i = jnp.einsum("bkgqc,bkch->bkgqh", ds.astype(k_j.dtype), k_j,
-                                  preferred_element_type=jnp.float32)
-                return dk, dv, dq_i
+    def update(i, j, kv_blk, dk, dv, dq_i):
+        compute = lambda *c: _bwd_block(cfg, *q_slices(i), *kv_blk, *c)  # noqa: E731
+        return lax.cond(skip_QK[i, j], lambda *c: c, compute, dk, dv, dq_i)
 
-            def skip(dk, dv):
-                return dk, dv, jnp.zeros((b, kh, g, cfg.bq, h), jnp.float32)
+    zeros_k = jnp.zeros((b, kh, cfg.bk, h), jnp.float32)
+    if _unrolled(cfg, nq, nk):
+        dq = [jnp.zeros((b, kh, g, cfg.bq, h), jnp.float32)] * nq
+        dk_blocks, dv_blocks = [], []
+        for j in range(nk):
+            kv_blk, dk, dv = kv_slices(j), zeros_k, zeros_k
+            for i in range(nq):
+                dk, dv, dq[i] = update(i, j, kv_blk, dk, dv, dq[i])
+            dk_blocks.append(dk)
+            dv_blocks.append(dv)
+        dq_BKGSH = jnp.concatenate(dq, axis=3)
+        dk_BKTH, dv_BKTH = jnp.concatenate(dk_blocks, axis=2), jnp.concatenate(dv_blocks, axis=2)
+    else:
+        def kv_block(dq_BKGSH, j):
+            kv_blk = kv_slices(j)
 
-            # The full dq stays out of the cond: a cond carrying it copies S·N·H floats per block.
-            dk, dv, dq_i = lax.cond(skip_QK[i, j], skip, compute, dk, dv)
-            dq_i = dq_i + _slice(dq, i, cfg.bq, 3)
-            return dk, dv, lax.dynamic_update_slice_in_dim(dq, dq_i, i * cfg.bq, 3)
+            def q_step(i, carry):
+                # Only the block of dq goes through the cond: a cond carrying all of it copies S·N·H floats.
+                dk, dv, dq = carry
+                dk, dv, dq_i = update(i, j, kv_blk, dk, dv, _slice(dq, i, cfg.bq, 3))
+                return dk, dv, lax.dynamic_update_slice_in_dim(dq, dq_i, i * cfg.bq, 3)
 
-        zeros = jnp.zeros((b, kh, cfg.bk, h), jnp.float32)
-        dk, dv, dq_BKGSH = lax.fori_loop(0, nq, q_step, (zeros, zeros, dq_BKGSH))
-        return dq_BKGSH, (dk, dv)
+            dk, dv, dq_BKGSH = lax.fori_loop(0, nq, q_step, (zeros_k, zeros_k, dq_BKGSH))
+            return dq_BKGSH, (dk, dv)
 
-    dq_BKGSH, (dk_JBKkH, dv_JBKkH) = lax.scan(
-        kv_block, jnp.zeros(q_BKGSH.shape, jnp.float32), jnp.arange(nk))
-    t = k_BKTH.shape[2]
-    dk_BKTH = dk_JBKkH.transpose(1, 2, 0, 3, 4).reshape(b, kh, t, h)
-    dv_BKTH = dv_JBKkH.transpose(1, 2, 0, 3, 4).reshape(b, kh, t, h)
+        dq_BKGSH, (dk_JBKkH, dv_JBKkH) = lax.scan(
+            kv_block, jnp.zeros(q_BKGSH.shape, jnp.float32), jnp.arange(nk))
+        dk_BKTH = dk_JBKkH.transpose(1, 2, 0, 3, 4).reshape(b, kh, t, h)
+        dv_BKTH = dv_JBKkH.transpose(1, 2, 0, 3, 4).reshape(b, kh, t, h)
     return (dq_BKGSH.astype(q_BKGSH.dtype), dk_BKTH.astype(k_BKTH.dtype),
             dv_BKTH.astype(v_BKTH.dtype), None, None, None, None)
 
