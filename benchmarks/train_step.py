@@ -12,9 +12,11 @@ their steps alternating. ``small`` = vocab 4096, d_model 256, 4 layers, 8 heads 
 4 loops, batch 8 x 256; ``medium`` = vocab 8192, d_model 512, 8 layers, 8 heads, d_ff 1408, 4 loops, batch 4 x 256.
 
 Model FLOPs are ``lj.train_flops(cfg, S, L, readouts=L)`` (matmuls only, 3x forward; remat recomputation is not
-counted). The peak is the best FLOP/s of square matmuls (1024³ and 2048³ on CPU) in the compute dtype on the same
-device, measured just before. float32 on CPU; on a GPU the same script computes in bfloat16 (parameters and AdamW
-state float32).
+counted; attention counted dense, S² pairs, for both frameworks). "MFU, causal count" counts only the causal
+pairs (``causal=True``): both attention kernels skip fully masked blocks, so the dense count credits them with
+some work they do not do. The peak is the best FLOP/s of square matmuls (1024³ and 2048³ on CPU) in the compute
+dtype on the same device, measured just before. float32 on CPU; on a GPU the same script computes in bfloat16
+(parameters and AdamW state float32).
 
 ``--torch-ref DIR``: DIR holds the published Ouro modelling code (``modeling_ouro.py``, fetched by the user; see
 ``benchmarks/torch_ouro.py``). With torch installed, the PyTorch model of the same sizes is trained on the same
@@ -216,9 +218,11 @@ def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | No
         cfg, times = run["cfg"], run["times"]
         step_s = statistics.median(times)
         flops = b * lj.train_flops(cfg, s, cfg.n_loops, readouts=cfg.n_loops)
+        causal_flops = b * lj.train_flops(cfg, s, cfg.n_loops, readouts=cfg.n_loops, causal=True)
         row = dict(config=name, scan_unroll=unroll, batch=b, seq=s, params=run["n_params"],
                    compile_s=run["compile_s"], step_s=step_s, step_s_all=times, tokens_per_s=b * s / step_s,
-                   model_flops_per_step=flops, achieved_flops=flops / step_s, losses=run["losses"], remat=remat,
+                   model_flops_per_step=flops, achieved_flops=flops / step_s,
+                   model_flops_per_step_causal=causal_flops, losses=run["losses"], remat=remat,
                    compute_dtype=compute_dtype, load_avg_per_step=run["loads"])
         if profile_dir is not None:  # after the timed steps: two more under the profiler
             out = os.path.join(profile_dir, f"{name}_unroll{unroll_label(unroll)}")
@@ -272,6 +276,7 @@ def main(argv=None):
                             args.torch_ref, args.torch_attn, args.profile, tuple(args.scan_unroll))
         for r in config_rows:
             r["mfu"] = r["achieved_flops"] / peak
+            r["mfu_causal"] = r["model_flops_per_step_causal"] / r["step_s"] / peak
             if "torch_step_s" in r:
                 r["torch_mfu"] = r["model_flops_per_step"] / r["torch_step_s"] / peaks["torch"]
         if args.gemms:  # the matmul shapes do not depend on the unroll: once per config
@@ -287,8 +292,9 @@ def main(argv=None):
           f"XLA {peak / 1e9:.1f} GFLOP/s, torch {torch_peak}; load average during the steps "
           f"{min(loads):.1f}-{max(loads):.1f}" + (f"; PyTorch {torch_why}" if torch_why else ""))
     print("| config | scan_unroll | params | batch x seq | compile (s) | step (s) | tokens/s | GFLOP/s "
-          "| MFU (XLA peak) | PyTorch Ouro tokens/s | PyTorch MFU (torch peak) | loopjax / PyTorch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MFU (XLA peak) | MFU, causal count | PyTorch Ouro tokens/s | PyTorch MFU (torch peak) "
+          "| loopjax / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "torch_step_s" in r:
             tcols = (f"{r['torch_tokens_per_s']:.0f} ({r['torch_attn']}) | {100 * r['torch_mfu']:.1f}% | "
@@ -298,7 +304,7 @@ def main(argv=None):
         print(f"| {r['config']} | {unroll_label(r['scan_unroll'])} | {r['params'] / 1e6:.1f}M | "
               f"{r['batch']} x {r['seq']} | {r['compile_s']:.1f} | "
               f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['achieved_flops'] / 1e9:.1f} | "
-              f"{100 * r['mfu']:.1f}% | {tcols} |")
+              f"{100 * r['mfu']:.1f}% | {100 * r['mfu_causal']:.1f}% | {tcols} |")
     for r in rows:
         if "gemms" not in r:
             continue
