@@ -74,22 +74,27 @@ def test_scan_equals_python_loop_forward_and_grads(variant):
         if "gate" not in path:  # the gate does not feed the logits
             assert float(jnp.abs(b[...]).max()) > 0, path
 
+
+def _assert_logits_and_grads_match_reference(model, tokens, n_loops):
+    np.testing.assert_allclose(model(tokens, n_loops=n_loops).logits, reference_logits(model, tokens, n_loops),
+                               atol=1e-5)
+    g = nnx.to_flat_state(nnx.grad(lambda m: _ce(m(tokens, n_loops=n_loops).logits, tokens))(model))
+    g_ref = nnx.to_flat_state(nnx.grad(lambda m: _ce(reference_logits(m, tokens, n_loops), tokens))(model))
+    for (path, a), (_, b) in zip(g, g_ref):
+        np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
+
+
 @pytest.mark.parametrize("unroll", [True, 3])
 def test_scan_unroll_equals_python_loop_forward_grads_and_steps(unroll):
     """``scan_unroll`` (full, and 3 over 4 loops: a remainder) changes the program, not the numbers: logits and
     every gradient against the plain loop, and the per-loop outputs and gates against the plain scan."""
     model = _model(scan_unroll=unroll, **VARIANTS["ouro"])
     tokens = _tokens()
-    np.testing.assert_allclose(model(tokens, n_loops=4).logits, reference_logits(model, tokens, 4), atol=1e-5)
-    g = nnx.to_flat_state(nnx.grad(lambda m: _ce(m(tokens, n_loops=4).logits, tokens))(model))
-    g_ref = nnx.to_flat_state(nnx.grad(lambda m: _ce(reference_logits(m, tokens, 4), tokens))(model))
-    for (path, a), (_, b) in zip(g, g_ref):
-        np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
+    _assert_logits_and_grads_match_reference(model, tokens, 4)
     scan = _model(**VARIANTS["ouro"])
     a, b = model(tokens, n_loops=4, return_steps=True), scan(tokens, n_loops=4, return_steps=True)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
-
 
 
 def test_scan_layers_equals_reference_forward_grads_and_masked_while_loop():
@@ -98,11 +103,7 @@ def test_scan_layers_equals_reference_forward_grads_and_masked_while_loop():
     kw = dict(VARIANTS["ouro"], n_layers=3)
     model, plain = _model(scan_layers=True, **kw), _model(**kw)
     tokens = _tokens()
-    np.testing.assert_allclose(model(tokens, n_loops=3).logits, reference_logits(model, tokens, 3), atol=1e-5)
-    g_scan = nnx.to_flat_state(nnx.grad(lambda m: _ce(m(tokens, n_loops=3).logits, tokens))(model))
-    g_ref = nnx.to_flat_state(nnx.grad(lambda m: _ce(reference_logits(m, tokens, 3), tokens))(model))
-    for (path, a), (_, b) in zip(g_scan, g_ref):
-        np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
+    _assert_logits_and_grads_match_reference(model, tokens, 3)
     for kwargs in (dict(exit_rule=lj.QExit(0.6)), dict(exit_rule=lj.QExit(0.6), run_all_loops=True)):
         a, b = model(tokens, n_loops=4, **kwargs), plain(tokens, n_loops=4, **kwargs)
         np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
