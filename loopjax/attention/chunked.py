@@ -54,7 +54,8 @@ def chunked_attention(
     Returns [B, S, N, H] in q's dtype. Scores and softmax run in float32; `scale` defaults to H**-0.5.
     `block_q` / `block_k` default to `default_blocks(S, T)`; S and T need not be multiples of them.
     Key blocks that no query of a query block can see (decided from per-block min/max of positions
-    and segment ids, across the batch) are skipped. Reverse mode only (custom_vjp; no jvp).
+    and segment ids, across the batch) are skipped. Up to ``UNROLL_MAX_PAIRS`` block pairs run as straight-line
+    code, more as loops. Reverse mode only (custom_vjp; no jvp).
     """
     check_qkv(q_BSNH, k_BTKH, v_BTKH)
     check_window(sliding_window)
