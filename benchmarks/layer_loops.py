@@ -12,7 +12,8 @@ temp bytes. Goal (issue 29): compile <= 1.5x and temp <= 3x at N = 8 vs N = 1.
 ``lax.scan`` vs the same model and parameters with them traced as a Python for-loop; timed interleaved, minimum
 over repeats (the CPU is shared). ``adaptive``: routers set (weights zeroed, bias chosen) so every token exits at
 iteration d = 1, N/2, N, plus a random router (mixed exits), plus the model trained ``--train-steps`` steps
-with a ponder cost (learned exits); the while-loop call timed interleaved with the all-N call. Goal: time ratio <= 1.25x the depth ratio (iterations run / N) when tokens exit early.
+with a ponder cost (learned exits); the while-loop call timed interleaved with the all-N call. Goal: time ratio
+<= 1.25x the depth ratio (iterations run / N) when tokens exit early.
 """
 
 from __future__ import annotations
@@ -168,9 +169,9 @@ def bench_scan(args) -> list[dict]:
     rows = [dict(version=name, compile_s=compile_s[name], step_ms_min=1e3 * t, step_ms_median=1e3 * med,
                  tokens_per_s=tokens_per_step / t, loss=loss)
             for (name, (t, med)), loss in zip(zip(fns, timed), (loss_scan, loss_loop))]
-    print(f"\n{'Loop+Mem' if memory else 'Loop'}: {args.layers} layers, N={args.n}, d_model {args.d_model}, {args.local_slots}/"
-          f"{args.global_slots} slots, batch {args.batch} x {args.seq}, {jax.devices()[0].platform}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"\n{'Loop+Mem' if memory else 'Loop'}: {args.layers} layers, N={args.n}, d_model {args.d_model}, "
+          f"{args.local_slots}/{args.global_slots} slots, batch {args.batch} x {args.seq}, "
+          f"{jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f}")
     print("| version | compile (s) | step ms (min) | step ms (median) | train tokens/s (min step) | loss |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -239,8 +240,9 @@ def bench_adaptive(args) -> list[dict]:
     cases.append(("mixed (random router)", with_routers(40.0, router_bias_for_exit(max(n // 2, 1), n, threshold)),
                   threshold))
     if args.train_steps:
-        cases.append((f"trained ({args.train_steps} steps, ponder {args.ponder_weight}), threshold "
-                      f"{args.trained_threshold}", train_with_ponder(graphdef, state, cfg, args), args.trained_threshold))
+        name = (f"trained ({args.train_steps} steps, ponder {args.ponder_weight}), threshold "
+                f"{args.trained_threshold}")
+        cases.append((name, train_with_ponder(graphdef, state, cfg, args), args.trained_threshold))
     rows = []
     for name, st, thr in cases:
         adaptive = jax.jit(lambda st, tok, thr=thr: nnx.merge(graphdef, st)(tok, layer_exit_threshold=thr))

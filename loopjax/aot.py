@@ -131,9 +131,9 @@ def resolve_target(config: str, *, seq: int | None = None, batch: int | None = N
                    mesh: MeshConfig | None = None, overrides: Sequence[str] = ()) -> AotTarget:
     """The model and run to compile.
 
-    ``config``: a preset name (``tiny``, ``ouro_1_4b``, ``ouro_2_6b``, ``frey_200m``), trained as ``loopjax train`` would
-    (float32 master weights, bfloat16 compute, the Ouro objective with the chunked per-loop CE, AdamW; default
-    seq 2048, batch 16, FSDP over every chip), or an experiment config as ``loopjax train`` takes it.
+    ``config``: a preset name (``tiny``, ``ouro_1_4b``, ``ouro_2_6b``, ``frey_200m``), trained as ``loopjax train``
+    would (float32 master weights, bfloat16 compute, the Ouro objective with the chunked per-loop CE, AdamW;
+    default seq 2048, batch 16, FSDP over every chip), or an experiment config as ``loopjax train`` takes it.
     ``overrides``: ``model.KEY=VALUE`` / ``train.KEY=VALUE`` (dotted paths, as ``--set``).
     """
     from loopjax.train.experiment import apply_overrides, load_experiment
@@ -484,8 +484,9 @@ def analyze(target: AotTarget, topology: str, num_slices: int = 1, cost_mode: st
                                          min(v["optimal_seconds"] for v in vs))
     if basis != "optimal_seconds":
         report["warnings"].append("XLA's cost model gives no step time here (optimal_seconds < 0 in a costing "
-                                  "variant: -1 s per op it cannot cost, such as cross-slice collectives): est_step_s is all FLOPs at the calibrated peak, so est_mfu is "
-                                  "an upper bound (memory-bound work and collectives not counted)")
+                                  "variant: -1 s per op it cannot cost, such as cross-slice collectives): est_step_s "
+                                  "is all FLOPs at the calibrated peak, so est_mfu is an upper bound (memory-bound "
+                                  "work and collectives not counted)")
     whiles = max(v["while"] for v in vs)
     if whiles:
         report["warnings"].append(f"{whiles} while loop(s) left in a costing variant: their bodies are counted once, "
@@ -651,15 +652,21 @@ def _worker_main(job_path: str, out_path: str) -> int:
     return 2 if "error" in result else 0
 
 
+def take_trailing_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> None:
+    """KEY=VALUE overrides may follow the options, where argparse leaves them over: add them to ``args.overrides``;
+    anything else left over is a usage error."""
+    if any(a.startswith("-") or "=" not in a for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m loopjax.aot ...``: the same options as ``loopjax aot`` (KEY=VALUE overrides may follow them)."""
     parser = argparse.ArgumentParser(prog="python -m loopjax.aot", description="compile the train step for a TPU "
                                      "topology: memory, cost, est MFU")
     add_arguments(parser)
     args, extra = parser.parse_known_args(argv)
-    if any(a.startswith("-") or "=" not in a for a in extra):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides += extra
+    take_trailing_overrides(parser, args, extra)
     try:
         return cmd_aot(args)
     except (ValueError, FileNotFoundError) as err:

@@ -549,17 +549,19 @@ def cmd_lm_eval(args) -> int:
         return 2
 
 
-COMMANDS = {"lm-eval": cmd_lm_eval, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert,
-            "analyze": cmd_analyze, "data": cmd_data, "aot": cmd_aot}
+COMMANDS = {"lm-eval": cmd_lm_eval, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+            "convert": cmd_convert, "analyze": cmd_analyze, "data": cmd_data, "aot": cmd_aot}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # `aot`'s KEY=VALUE overrides may follow its options, which argparse leaves over
-        if args.command != "aot" or any(a.startswith("-") or "=" not in a for a in extra):
+    if extra:  # only `aot` takes arguments after its options (KEY=VALUE overrides)
+        if args.command != "aot":
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides += extra
+        from loopjax.aot import take_trailing_overrides
+
+        take_trailing_overrides(parser, args, extra)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:

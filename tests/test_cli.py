@@ -195,7 +195,7 @@ def test_no_library_module_imports_the_cli():
     import re
 
     root = pathlib.Path(__file__).resolve().parents[1] / "loopjax"
+    imports_cli = re.compile(r"^\s*(from loopjax\.cli|from loopjax import cli|import loopjax\.cli)", re.M)
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if p.name != "cli.py" and re.search(r"^\s*(from loopjax\.cli|from loopjax import cli|import loopjax\.cli)",
-                                                     p.read_text(), re.M)]
+                 if p.name != "cli.py" and imports_cli.search(p.read_text())]
     assert offenders == []
