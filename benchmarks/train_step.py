@@ -179,13 +179,12 @@ def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | No
     """One row per ``scan_unroll`` value; the loopjax variants' steps and PyTorch's alternate."""
     _, b, s = CONFIGS[name]
     b, s = batch or b, seq or s
-    tokens = None
+    vocab = CONFIGS[name][0]["vocab_size"]
+    tokens = [jax.random.randint(jax.random.key(10 + i), (b, s), 0, vocab) for i in range(steps + 1)]
     runs = []
     for unroll in unrolls:
         cfg = model_config(name, compute_dtype, remat, s, scan_unroll=unroll)
         step, state, n_params = make_train_step(cfg)
-        if tokens is None:
-            tokens = [jax.random.randint(jax.random.key(10 + i), (b, s), 0, cfg.vocab_size) for i in range(steps + 1)]
         t0 = time.perf_counter()
         compiled = step.lower(state, tokens[0]).compile()
         compile_s = time.perf_counter() - t0
