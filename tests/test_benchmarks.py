@@ -19,7 +19,6 @@ def test_step_gemms_are_the_model_flops_less_the_exit_gate(name):
 def test_layer_loop_benchmark_for_loop_is_the_same_model():
     """The naive side of ``layer_loops scan`` (iterations as a Python for-loop) computes the shipped model."""
     import jax
-    import numpy as np
     from flax import nnx
 
     from benchmarks import layer_loops
