@@ -1,4 +1,5 @@
-"""Reference einsum attention vs chunked attention, causal, fwd+bwd: time and compiled temp memory.
+"""Reference einsum attention vs chunked attention (and the C++ CPU kernel, cpu_flash, where it builds), causal,
+fwd+bwd: time and compiled temp memory.
 
     python -m benchmarks.attention --seqs 1024 2048 4096 8192 16384 --repeats 3
 
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopjax.attention import cpu_kernel
 from loopjax.attention.chunked import chunked_attention, default_blocks
 
 # Above this the reference is compiled but not run: at S=8192 (8.0 GiB temp) it reached 15 GiB RSS and was OOM-killed.
@@ -78,6 +80,8 @@ def main() -> None:
         variants = [("reference", reference), ("chunked", chunked_attention)]
         if args.with_full:
             variants.append(("chunked_full", full_chunked))
+        if cpu_kernel.available() and jax.default_backend() == "cpu":
+            variants.append(("cpu_flash", cpu_kernel.cpu_flash_attention))
         for name, attn in variants:
             compiled = fwd_bwd(attn).lower(q, k, v, pos).compile()
             row[f"{name}_temp_bytes"] = temp_bytes(compiled)
@@ -101,9 +105,11 @@ def main() -> None:
         return f"{row[name + '_s']:.3f}" if name + "_s" in row else "—"
 
     full = " chunked no-mask s | causal / no-mask |" if args.with_full else ""
+    flash = any("cpu_flash_s" in row for row in rows)
+    flash_head = " cpu_flash s | cpu_flash / chunked time | cpu_flash temp MiB |" if flash else ""
     print("| S | blocks (q, k) | reference s | chunked s | chunked / reference time "
-          "| reference temp MiB | chunked temp MiB | temp ratio |" + full)
-    print("|" + "---|" * (10 if args.with_full else 8))
+          "| reference temp MiB | chunked temp MiB | temp ratio |" + full + flash_head)
+    print("|" + "---|" * (8 + 2 * args.with_full + 3 * flash))
     for row in rows:
         ref_t, ch_t = row.get("reference_s"), row["chunked_s"]
         rt, ct = row["reference_temp_bytes"], row["chunked_temp_bytes"]
@@ -112,11 +118,18 @@ def main() -> None:
                 f"| {ratio} | {rt / 2**20:.0f} | {ct / 2**20:.1f} | 1/{rt / ct:.0f} |")
         if args.with_full:
             line += f" {row['chunked_full_s']:.3f} | {ch_t / row['chunked_full_s']:.2f} |"
+        if flash:
+            line += (f" {row['cpu_flash_s']:.3f} | {row['cpu_flash_s'] / ch_t:.2f} "
+                     f"| {row['cpu_flash_temp_bytes'] / 2**20:.1f} |")
         print(line)
+    if flash:
+        print("(cpu_flash temp: XLA's buffers around the custom call; the kernel's own scratch is a few tiles of "
+              f"{cpu_kernel.BLOCK_Q} x {cpu_kernel.BLOCK_K} floats per thread, outside memory_analysis)")
     meta = {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "batch": args.batch, "heads": args.heads,
             "kv_heads": args.kv_heads, "head_dim": args.head_dim, "repeats": args.repeats, "with_full": args.with_full,
-            "dtype": "float32", "mask": "causal", "measured": "fwd+bwd (value_and_grad wrt q, k, v)"}
+            "dtype": "float32", "mask": "causal", "measured": "fwd+bwd (value_and_grad wrt q, k, v)",
+            "cpu_flash_blocks": [cpu_kernel.BLOCK_Q, cpu_kernel.BLOCK_K] if flash else None}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

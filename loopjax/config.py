@@ -16,7 +16,7 @@ NORM_SCHEMES = ("pre", "sandwich")
 INJECTIONS = ("none", "add", "concat")
 REMAT_POLICIES = ("none", "full", "save_dots", "minimal", "save_qkv", "save_dots_offload", "offload")
 REMAT_SCOPES = ("loop", "layer", "both")
-ATTENTION_IMPLS = ("auto", "reference", "chunked", "splash", "cudnn")
+ATTENTION_IMPLS = ("auto", "reference", "chunked", "cpu_flash", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -109,7 +109,8 @@ class LoopedConfig:
         state per loop; the loop's backward recomputes it holding only the k layer inputs, and each layer's
         backward one layer's internals).
       attention_impl: the attention backend (``loopjax.attention``): "auto" (splash on TPU, cuDNN on GPU,
-        chunked elsewhere), "reference", "chunked", "splash", "cudnn".
+        cpu_flash on CPU where it builds, chunked elsewhere), "reference", "chunked", "cpu_flash", "splash",
+        "cudnn".
       attention_interpret: run Pallas attention kernels in interpret mode (testing splash on a CPU).
       scan_unroll: iterations per scan step passed to ``lax.scan(unroll=...)``; True unrolls fully.
       scan_layers: run the k core layers of a loop as a ``lax.scan`` over their stacked parameters instead of k

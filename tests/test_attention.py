@@ -60,7 +60,7 @@ def test_visible_mask_matches_brute_force(window):
                                                     np.asarray(seg), window))
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "auto"])
 @pytest.mark.parametrize("window", [None, 4])
 def test_attend_values_and_grads_match_float64_numpy_on_packed_rows(impl, window):
     q, k, v, pos, seg = _packed(1)
@@ -110,9 +110,13 @@ def test_attend_cache_slot_equals_attend_on_the_same_keys():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_auto_picks_chunked_on_cpu_and_kernels_by_platform():
+def test_auto_picks_the_platforms_kernel():
+    from loopjax.attention import cpu_kernel
+
     kw = dict(head_dim=64, q_len=1024, kv_len=1024, has_segments=False)
-    assert attention.resolve_impl("auto", platform="cpu", **kw) == "chunked"
+    cpu = "cpu_flash" if cpu_kernel.available() else "chunked"
+    assert attention.resolve_impl("auto", platform="cpu", **kw) == cpu
+    assert attention.resolve_impl("auto", platform="cpu", **dict(kw, has_segments=True)) == cpu
     assert attention.resolve_impl("auto", platform="tpu", **kw) == "splash"
     assert attention.resolve_impl("auto", platform="tpu", **dict(kw, q_len=1000, kv_len=1000)) == "chunked"
     assert attention.resolve_impl("splash", platform="cpu", interpret=True, **kw) == "splash"

@@ -1,4 +1,5 @@
-"""Attention backends (chunked, splash, cudnn) against a float64 NumPy reference: values and dq, dk, dv."""
+"""Attention backends (chunked, cpu_flash, splash, cudnn) against a float64 NumPy reference: values and dq, dk,
+dv."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from loopjax.attention import chunked
+from loopjax import attention
+from loopjax.attention import chunked, cpu_kernel
 from loopjax.attention.chunked import chunked_attention, default_blocks
+from loopjax.attention.cpu_kernel import cpu_flash_attention
 from loopjax.attention.cudnn import cudnn_attention, cudnn_supported
 from loopjax.attention.splash import splash_attention
 
@@ -110,6 +113,128 @@ def test_chunked_matches_numpy_values_and_grads(case, driver, monkeypatch):
         q, k, v, q_positions_BS=jnp.asarray(pos), kv_positions_BT=jnp.asarray(pos),
         sliding_window=window, block_q=bq, block_k=bk, **seg_kw))
     _assert_close(_value_and_vjp(fn, q, k, v, dout), want, atol=2e-5)
+
+
+@pytest.fixture
+def cpu_flash():
+    """The C++ kernel, built here (skips, with the build log's reason, on a machine without a C++ compiler)."""
+    if not cpu_kernel.available():
+        pytest.skip("the CPU attention kernel could not be built here (see the log)")
+    return cpu_flash_attention
+
+
+# the chunked cases, and head dims that exercise the kernel's 16-wide panels, their scalar tail, and row
+# counts that are not a multiple of its 6-row micro-tile
+CPU_FLASH_CASES = {**CHUNKED_CASES,
+                   "causal_gqa_head32_default_blocks": (2, 300, 300, 4, 2, 32, None, None, None, None),
+                   "window_head20_ragged": (1, 157, 157, 2, 1, 20, 61, None, 64, 48),
+                   "packed_gqa_head64": (2, 256, 256, 8, 2, 64, None, (100, 101), 128, 128)}
+
+
+@pytest.mark.parametrize("case", list(CPU_FLASH_CASES))
+def test_cpu_flash_matches_numpy_values_and_grads(case, cpu_flash):
+    b, s, t, n, kh, h, window, starts, bq, bk = CPU_FLASH_CASES[case]
+    (q, k, v), dout = _inputs(100 + list(CPU_FLASH_CASES).index(case), b, s, t, n, kh, h)
+    if starts is None:
+        qseg = kseg = None
+        pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+    else:
+        qseg, pos = _packed(b, s, starts)
+        kseg = qseg
+    want = _np_attention(q, k, v, dout, _np_visible(pos, pos, qseg, kseg, window))
+    kw = dict(q_positions_BS=jnp.asarray(pos), kv_positions_BT=jnp.asarray(pos), sliding_window=window)
+    if qseg is not None:
+        kw.update(q_segment_ids_BS=jnp.asarray(qseg), kv_segment_ids_BT=jnp.asarray(kseg))
+    if bq is not None:
+        kw.update(block_q=bq, block_k=bk)
+    _assert_close(_value_and_vjp(lambda q, k, v: cpu_flash(q, k, v, **kw), q, k, v, dout), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("s,window", [(1, None), (12, 5)], ids=["decode_causal", "prefill_chunk_window"])
+def test_cpu_flash_queries_at_the_end_of_longer_keys(s, window, cpu_flash):
+    b, t, n, kh, h = 2, 77, 4, 2, 16
+    (q, k, v), dout = _inputs(s, b, s, t, n, kh, h)
+    kpos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    qpos = kpos[:, t - s:]
+    want = _np_attention(q, k, v, dout, _np_visible(qpos, kpos, None, None, window), scale=0.3)
+    fn = (lambda q, k, v: cpu_flash(q, k, v, q_positions_BS=jnp.asarray(qpos), kv_positions_BT=jnp.asarray(kpos),
+                                    sliding_window=window, scale=0.3, block_q=8, block_k=16))
+    _assert_close(_value_and_vjp(fn, q, k, v, dout), want, atol=2e-5)
+
+
+def test_cpu_flash_query_without_visible_key_outputs_zeros_and_zero_grads(cpu_flash):
+    b, s, n, kh, h = 1, 40, 2, 1, 16
+    (q, k, v), dout = _inputs(7, b, s, s, n, kh, h)
+    pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+    qseg = np.where(np.arange(s) < 25, 0, 3)[None].astype(np.int32)  # segment 3 has no keys
+    kseg = np.zeros((b, s), np.int32)
+    want = _np_attention(q, k, v, dout, _np_visible(pos, pos, qseg, kseg, None))
+    fn = (lambda q, k, v: cpu_flash(q, k, v, q_positions_BS=jnp.asarray(pos), kv_positions_BT=jnp.asarray(pos),
+                                    q_segment_ids_BS=jnp.asarray(qseg), kv_segment_ids_BT=jnp.asarray(kseg),
+                                    block_q=16, block_k=16))
+    got = _value_and_vjp(fn, q, k, v, dout)
+    assert np.all(np.asarray(got[0])[:, 25:] == 0.0) and np.all(np.asarray(got[1])[:, 25:] == 0.0)
+    _assert_close(got, want, atol=2e-5)
+
+
+def test_cpu_flash_bfloat16_inputs_give_bfloat16_output_and_grads(cpu_flash):
+    b, s, n, kh, h = 1, 64, 4, 2, 32
+    (q, k, v), dout = _inputs(3, b, s, s, n, kh, h, dtype=jnp.bfloat16)
+    pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+    want = _np_attention(*(np.asarray(x, np.float32) for x in (q, k, v)), dout,
+                         _np_visible(pos, pos, None, None, None))
+    fn = lambda q, k, v: cpu_flash(q, k, v, q_positions_BS=jnp.asarray(pos), kv_positions_BT=jnp.asarray(pos))  # noqa: E731
+    got = _value_and_vjp(fn, q, k, v, dout)
+    assert all(x.dtype == jnp.bfloat16 for x in got)
+    _assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+def test_cpu_flash_under_vmap_matches_numpy(cpu_flash):
+    """vmap runs the kernel once per mapped row."""
+    b, s, n, kh, h = 4, 48, 4, 2, 16
+    (q, k, v), dout = _inputs(21, b, s, s, n, kh, h)
+    pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+    want = _np_attention(q, k, v, dout, _np_visible(pos, pos, None, None, 13))
+    one = (lambda q, k, v, p: cpu_flash(q[None], k[None], v[None], q_positions_BS=p[None], kv_positions_BT=p[None],
+                                        sliding_window=13, block_q=16, block_k=16)[0])
+    mapped = lambda q, k, v: jax.vmap(one)(q, k, v, jnp.asarray(pos))  # noqa: E731
+    _assert_close(_value_and_vjp(mapped, q, k, v, dout), want, atol=2e-5)
+
+
+def test_cpu_flash_is_for_one_device_programs(cpu_flash):
+    """Under a multi-device mesh "auto" runs chunked and "cpu_flash" raises naming the field."""
+    from loopjax.config import MeshConfig
+    from loopjax.sharding import make_mesh, rules_for, use_rules
+
+    kw = dict(head_dim=16, q_len=64, kv_len=64, has_segments=False)
+    assert attention.resolve_impl("auto", **kw) == "cpu_flash"
+    mesh = make_mesh(MeshConfig(data=2), devices=jax.devices()[:2])
+    with use_rules(mesh, rules_for("dp")):
+        assert attention.resolve_impl("auto", **kw) == "chunked"
+        with pytest.raises(ValueError, match="attention_impl='cpu_flash': runs on one device"):
+            attention.check_impl("cpu_flash", head_dim=16)
+
+
+def test_cpu_flash_off_or_unbuildable_falls_back_to_chunked(monkeypatch, tmp_path):
+    """LOOPJAX_CPU_KERNEL=0, or a compiler that fails: "auto" runs chunked, "cpu_flash" raises naming the field,
+    and the build error carries the compiler's command."""
+    kw = dict(head_dim=16, q_len=64, kv_len=64, has_segments=False)
+    try:
+        cpu_kernel.available.cache_clear()
+        monkeypatch.setenv("LOOPJAX_CPU_KERNEL", "0")
+        assert not cpu_kernel.available()
+        assert attention.resolve_impl("auto", platform="cpu", **kw) == "chunked"
+        with pytest.raises(ValueError, match="attention_impl='cpu_flash'"):
+            attention.check_impl("cpu_flash", head_dim=16, platform="cpu")
+    finally:
+        cpu_kernel.available.cache_clear()
+    monkeypatch.delenv("LOOPJAX_CPU_KERNEL")
+    monkeypatch.setenv("LOOPJAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(RuntimeError, match="false .*cpu_flash.cc"):
+        cpu_kernel._build()
+    with pytest.raises(ValueError, match="attention_impl='cpu_flash': needs the CPU platform"):
+        attention.check_impl("cpu_flash", head_dim=16, platform="tpu")
 
 
 @pytest.mark.parametrize("s,window", [(1, None), (12, 5)], ids=["decode_causal", "prefill_chunk_window"])

@@ -32,7 +32,7 @@ def test_forward_flops_hand_count():
 @pytest.mark.parametrize("kw", [dict(), dict(input_injection="concat", n_prelude=1, n_coda=1, tie_embeddings=False)])
 def test_forward_flops_matches_xla_cost_analysis(kw):
     cfg = lj.LoopedConfig(vocab_size=512, d_model=128, n_heads=4, n_kv_heads=2, d_ff=512, n_layers=2, n_loops=3,
-                          remat_policy="none", **kw)
+                          remat_policy="none", attention_impl="chunked", **kw)
     model = lj.LoopedLM(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     tokens = jnp.zeros((1, 64), jnp.int32)

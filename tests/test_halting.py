@@ -455,7 +455,8 @@ def test_frozen_token_exposes_its_frozen_state_to_later_attention():
             frozen_out = new_out
         active = np.asarray(steps) > t + 1
     want = h.at[:, 0].set(frozen_out[:, 0])
-    np.testing.assert_allclose(out.hidden, want, atol=1e-5)
+    # float32: the jitted while_loop against eager op-by-op steps (5e-6 apart with "chunked", 1.1e-5 "cpu_flash")
+    np.testing.assert_allclose(out.hidden, want, atol=2e-5)
     full = model(tokens, n_loops=L)
     # positions after 0 differ from the all-loops run: they saw token 0's frozen state, not its deeper loops
     assert float(jnp.abs(out.hidden[:, 1:] - full.hidden[:, 1:]).max()) > 1e-3

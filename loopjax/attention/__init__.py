@@ -15,13 +15,18 @@ Backends (``IMPLS``, the ``LoopedConfig.attention_impl`` field):
   "reference": einsum over an explicit [B, S, T] mask; the numeric truth, and what analysis reads
     probabilities from (``attention_probs``). Memory O(S·T).
   "chunked": flash-style online softmax over key blocks in pure JAX with a recomputing custom VJP; memory
-    O(S·block); any platform; the default on CPU.
+    O(S·block); any platform.
+  "cpu_flash": the same algorithm as one C++ XLA FFI kernel for CPU (``cpu_kernel``; forward and backward),
+    built with the host's C++ compiler on first use; faster than "chunked" on XLA:CPU (benchmarks/attention.py).
+    One device per program: not under a multi-device mesh (XLA:CPU deadlocks running such a program from the
+    persistent compilation cache). ``LOOPJAX_CPU_KERNEL=0`` turns it off.
   "splash": the TPU Pallas splash-attention kernel under ``shard_map`` over the active mesh (batch over the
     batch axes, heads over the tensor axis). Causality comes from token order, so positions must rise by one
     per token within each segment (true of packed rows, full sequences and left-padded prompts).
   "cudnn": ``jax.nn.dot_product_attention(implementation="cudnn")`` on NVIDIA GPUs; token-order causality as
     splash. Packed segment ids are not passed to cuDNN by this jax: calls with segment ids run "chunked".
-  "auto": splash on TPU, cuDNN on GPU, chunked elsewhere (and chunked where the kernel cannot take the shapes);
+  "auto": splash on TPU, cuDNN on GPU, cpu_flash on CPU (and chunked where the kernel cannot take the shapes
+    or, for cpu_flash, cannot be built or the mesh has several devices);
     the choice is logged once per shape (logger ``loopjax.attention``).
 The platform is that of the active mesh (``partitioning.use_rules``), else JAX's default backend, so a step
 traced for a TPU topology on a CPU host picks splash.
@@ -95,6 +100,10 @@ def check_impl(impl: str, *, head_dim: int, dtype=jnp.bfloat16, interpret: bool 
     platform = platform or current_platform()
     if impl not in IMPLS:
         raise ValueError(f"attention_impl={impl!r}: must be one of {IMPLS}")
+    if impl == "cpu_flash":
+        reason = _cpu_flash_unsupported(platform)
+        if reason is not None:
+            raise ValueError(f"attention_impl='cpu_flash': {reason}; use 'chunked' or 'auto'")
     if impl == "splash" and platform != "tpu" and not interpret:
         raise ValueError(f"attention_impl='splash': needs a TPU (platform is {platform!r}); use 'chunked' or "
                          "'auto', or attention_interpret=True to run the Pallas kernel in interpret mode")
@@ -107,6 +116,21 @@ def check_impl(impl: str, *, head_dim: int, dtype=jnp.bfloat16, interpret: bool 
         reason = cudnn_supported(head_dim, dtype)
         if reason is not None:
             raise ValueError(f"attention_impl='cudnn': {reason}; use 'chunked' or 'auto'")
+
+
+def _cpu_flash_unsupported(platform: str) -> str | None:
+    if platform != "cpu":
+        return f"needs the CPU platform (platform is {platform!r})"
+    mesh, _ = active_rules()
+    if mesh is not None and mesh.size > 1:
+        # XLA:CPU (jax 0.10) deadlocks in its collectives running such a program when it comes from the
+        # persistent compilation cache; one device per program only
+        return f"runs on one device, and the active mesh has {mesh.size}"
+    from loopjax.attention import cpu_kernel
+
+    if not cpu_kernel.available():
+        return "the C++ kernel could not be built or is turned off here (see the log of loopjax.attention.cpu_kernel)"
+    return None
 
 
 def _splash_unsupported(q_len: int, kv_len: int) -> str | None:
@@ -125,7 +149,9 @@ def resolve_impl(impl: str, *, head_dim: int, q_len: int, kv_len: int, has_segme
     check_impl(impl, head_dim=head_dim, dtype=dtype, interpret=interpret, platform=platform)
     chosen, why = impl, None
     if impl == "auto":
-        chosen = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "chunked")
+        chosen = {"tpu": "splash", "gpu": "cudnn", "cpu": "cpu_flash"}.get(platform, "chunked")
+        if chosen == "cpu_flash":
+            why = _cpu_flash_unsupported(platform)
         if chosen == "cudnn":
             from loopjax.attention.cudnn import cudnn_supported
 
@@ -179,6 +205,12 @@ def attend(q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *, q_positio
         return chunked_attention(q_BSNH, k_BTKH, v_BTKH, q_positions_BS=q_positions, kv_positions_BT=kv_positions,
                                  q_segment_ids_BS=q_segment_ids, kv_segment_ids_BT=kv_segment_ids,
                                  sliding_window=sliding_window, scale=scale)
+    if chosen == "cpu_flash":
+        from loopjax.attention.cpu_kernel import cpu_flash_attention
+
+        return cpu_flash_attention(q_BSNH, k_BTKH, v_BTKH, q_positions_BS=q_positions, kv_positions_BT=kv_positions,
+                                   q_segment_ids_BS=q_segment_ids, kv_segment_ids_BT=kv_segment_ids,
+                                   sliding_window=sliding_window, scale=scale)
     if chosen == "splash":
         from loopjax.attention.splash import splash_attention
 
