@@ -1,14 +1,16 @@
 """Train-step throughput: tokens/s and model FLOP utilisation against a matmul peak measured in the same run.
 
-    python -m benchmarks.train_step [--configs small medium] [--steps 5] [--remat none] [--torch-ref DIR]
+    python -m benchmarks.train_step [--configs small medium] [--steps 5] [--remat none minimal] [--torch-ref DIR]
                                     [--scan-unroll 1 full] [--gemms] [--profile DIR]
                                     [--out benchmarks/results/train_step.json]
 
 Ouro-style models (sandwich norm, step norm, exit gate, untied head) trained with AdamW on Ouro's expected loss
 Σ_t p_t·CE_t − β·H(p) over every loop's logits, so the LM head runs at every loop. One jitted step with donated
-state. ``--scan-unroll``: one loopjax row per value of ``LoopedConfig.scan_unroll``, 1 (the library default:
-the loops as a ``lax.scan``) and ``full`` (the loops unrolled; XLA:CPU then overlaps work across loop boundaries),
-their steps alternating. ``small`` = vocab 4096, d_model 256, 4 layers, 8 heads / 8 KV heads, d_ff 1024,
+state. One loopjax row per (``--remat``, ``--scan-unroll``) pair, their steps alternating: ``--remat`` values of
+``LoopedConfig.remat_policy`` (default ``none``: every residual kept, as the PyTorch step keeps them, and
+``minimal``: the matmul outputs kept, the elementwise work recomputed), ``--scan-unroll`` values of
+``LoopedConfig.scan_unroll`` (1, the library default: the loops as a ``lax.scan``, and ``full``: the loops
+unrolled; XLA:CPU then overlaps work across loop boundaries). ``small`` = vocab 4096, d_model 256, 4 layers, 8 heads / 8 KV heads, d_ff 1024,
 4 loops, batch 8 x 256; ``medium`` = vocab 8192, d_model 512, 8 layers, 8 heads, d_ff 1408, 4 loops, batch 4 x 256.
 
 Model FLOPs are ``lj.train_flops(cfg, S, L, readouts=L)`` (matmuls only, 3x forward; remat recomputation is not
@@ -173,16 +175,17 @@ def parse_unroll(value: str) -> int | bool:
     return int(value)
 
 
-def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | None, seq: int | None,
+def bench(name: str, compute_dtype: str, remats: tuple, steps: int, batch: int | None, seq: int | None,
           torch_mod=None, torch_ref: str | None = None, torch_attn: str = "sdpa", profile_dir: str | None = None,
           unrolls: tuple = (1,)) -> list[dict]:
-    """One row per ``scan_unroll`` value; the loopjax variants' steps and PyTorch's alternate."""
+    """One row per (remat policy, ``scan_unroll``) pair; the loopjax variants' steps and PyTorch's alternate."""
     _, b, s = CONFIGS[name]
     b, s = batch or b, seq or s
     vocab = CONFIGS[name][0]["vocab_size"]
     tokens = [jax.random.randint(jax.random.key(10 + i), (b, s), 0, vocab) for i in range(steps + 1)]
     runs = []
-    for unroll in unrolls:
+    variants = [(remat, unroll) for remat in remats for unroll in unrolls]
+    for remat, unroll in variants:
         cfg = model_config(name, compute_dtype, remat, s, scan_unroll=unroll)
         step, state, n_params = make_train_step(cfg)
         t0 = time.perf_counter()
@@ -213,7 +216,7 @@ def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | No
             t_losses.append(torch_step(t_tokens[i]))
             t_times.append(time.perf_counter() - t0)
     rows = []
-    for unroll, run in zip(unrolls, runs):
+    for (remat, unroll), run in zip(variants, runs):
         cfg, times = run["cfg"], run["times"]
         step_s = statistics.median(times)
         flops = b * lj.train_flops(cfg, s, cfg.n_loops, readouts=cfg.n_loops)
@@ -224,7 +227,7 @@ def bench(name: str, compute_dtype: str, remat: str, steps: int, batch: int | No
                    model_flops_per_step_causal=causal_flops, losses=run["losses"], remat=remat,
                    compute_dtype=compute_dtype, load_avg_per_step=run["loads"])
         if profile_dir is not None:  # after the timed steps: two more under the profiler
-            out = os.path.join(profile_dir, f"{name}_unroll{unroll_label(unroll)}")
+            out = os.path.join(profile_dir, f"{name}_remat-{remat}_unroll{unroll_label(unroll)}")
             run["state"], row["profile"] = xla_profile.trace_steps(run["compiled"], run["state"], tokens[1:3], out)
         if torch_step is not None:
             t_step = statistics.median(t_times)
@@ -243,7 +246,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["small", "medium"], choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=5, help="timed steps (per framework) after one warm-up step")
-    ap.add_argument("--remat", default="none", choices=["none", "full", "save_dots", "minimal", "save_qkv"])
+    ap.add_argument("--remat", nargs="+", default=["none", "minimal"],
+                    choices=["none", "full", "save_dots", "minimal", "save_qkv"],
+                    help="remat policies, one loopjax row each (default: none minimal)")
     ap.add_argument("--batch", type=int, default=None, help="override the config's batch (quick runs)")
     ap.add_argument("--seq", type=int, default=None, help="override the config's sequence length (quick runs)")
     ap.add_argument("--matmul-n", type=int, nargs="+", default=None,
@@ -271,7 +276,7 @@ def main(argv=None):
     peak = peaks["jax"]
     rows = []
     for name in args.configs:
-        config_rows = bench(name, compute_dtype, args.remat, args.steps, args.batch, args.seq, torch_mod,
+        config_rows = bench(name, compute_dtype, tuple(args.remat), args.steps, args.batch, args.seq, torch_mod,
                             args.torch_ref, args.torch_attn, args.profile, tuple(args.scan_unroll))
         for r in config_rows:
             r["mfu"] = r["achieved_flops"] / peak
@@ -280,27 +285,27 @@ def main(argv=None):
                 r["torch_mfu"] = r["model_flops_per_step"] / r["torch_step_s"] / peaks["torch"]
         if args.gemms:  # the matmul shapes do not depend on the unroll: once per config
             _, b, s = CONFIGS[name]
-            cfg = model_config(name, compute_dtype, args.remat, args.seq or s)
+            cfg = model_config(name, compute_dtype, args.remat[0], args.seq or s)
             config_rows[0]["gemms"] = gemm_split(cfg, args.batch or b, args.seq or s, 3, torch_mod)
         rows.extend(config_rows)
 
     loads = [x for r in rows for x in r["load_avg_per_step"]]
     torch_peak = f"{peaks['torch'] / 1e9:.1f}" if peaks["torch"] else NOT_MEASURED
     print(f"backend={backend} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs, jax {jax.__version__}, "
-          f"compute {compute_dtype}, remat={args.remat}; matmul peak (best of {args.matmul_n or 'default'} squares) "
+          f"compute {compute_dtype}; matmul peak (best of {args.matmul_n or 'default'} squares) "
           f"XLA {peak / 1e9:.1f} GFLOP/s, torch {torch_peak}; load average during the steps "
           f"{min(loads):.1f}-{max(loads):.1f}" + (f"; PyTorch {torch_why}" if torch_why else ""))
-    print("| config | scan_unroll | params | batch x seq | compile (s) | step (s) | tokens/s | GFLOP/s "
+    print("| config | remat | scan_unroll | params | batch x seq | compile (s) | step (s) | tokens/s | GFLOP/s "
           "| MFU (XLA peak) | MFU, causal count | PyTorch Ouro tokens/s | PyTorch MFU (torch peak) "
           "| loopjax / PyTorch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "torch_step_s" in r:
             tcols = (f"{r['torch_tokens_per_s']:.0f} ({r['torch_attn']}) | {100 * r['torch_mfu']:.1f}% | "
                      f"{r['ratio_vs_torch']:.2f}x")
         else:
             tcols = f"{NOT_MEASURED} | {NOT_MEASURED} | {NOT_MEASURED}"
-        print(f"| {r['config']} | {unroll_label(r['scan_unroll'])} | {r['params'] / 1e6:.1f}M | "
+        print(f"| {r['config']} | {r['remat']} | {unroll_label(r['scan_unroll'])} | {r['params'] / 1e6:.1f}M | "
               f"{r['batch']} x {r['seq']} | {r['compile_s']:.1f} | "
               f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['achieved_flops'] / 1e9:.1f} | "
               f"{100 * r['mfu']:.1f}% | {100 * r['mfu_causal']:.1f}% | {tcols} |")
@@ -327,7 +332,7 @@ def main(argv=None):
         if "profile" not in r:
             continue
         prof = r["profile"]
-        print(f"\n{r['config']} (scan_unroll={unroll_label(r['scan_unroll'])}): XLA profile, "
+        print(f"\n{r['config']} (remat={r['remat']}, scan_unroll={unroll_label(r['scan_unroll'])}): XLA profile, "
               f"{sum(x['seconds_per_step'] for x in prof):.3f} s of op time per step "
               "(summed over threads)")
         print("| op | s/step | share |")

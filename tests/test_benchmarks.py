@@ -61,14 +61,16 @@ def test_xla_profile_traces_a_compiled_step(tmp_path):
     assert shares and abs(sum(s["share"] for s in shares) - 1) < 1e-9
 
 
-def test_train_step_rows_per_scan_unroll_train_the_same_model():
-    """``--scan-unroll 1 full``: one row each, the same losses step for step (the unroll changes the program only);
-    without --torch-ref no PyTorch figure is made up."""
+def test_train_step_rows_per_remat_and_scan_unroll_train_the_same_model():
+    """``--remat none minimal --scan-unroll 1 full``: one row per pair, the same losses step for step (both change
+    the program only); without --torch-ref no PyTorch figure is made up."""
     import argparse
 
-    rows = train_step.bench("small", "float32", "none", steps=2, batch=1, seq=16, unrolls=(1, True))
-    assert [r["scan_unroll"] for r in rows] == [1, True]
-    np.testing.assert_allclose(rows[1]["losses"], rows[0]["losses"], rtol=1e-5)
+    rows = train_step.bench("small", "float32", ("none", "minimal"), steps=2, batch=1, seq=16, unrolls=(1, True))
+    assert [(r["remat"], r["scan_unroll"]) for r in rows] == [("none", 1), ("none", True), ("minimal", 1),
+                                                               ("minimal", True)]
+    for r in rows[1:]:
+        np.testing.assert_allclose(r["losses"], rows[0]["losses"], rtol=1e-5)
     assert all("torch_step_s" not in r and r["step_s"] > 0 for r in rows)
     assert [train_step.parse_unroll(v) for v in ("1", "3", "full")] == [1, 3, True]
     for bad in ("0", "auto", "-1"):
