@@ -7,8 +7,8 @@ this kernel keeps each tile in cache through scores, softmax and both products, 
 mask, inputs and result as ``chunked_attention``; float32 inside (other dtypes are cast at the boundary).
 
 ``available()`` builds the library once per machine into ``$LOOPJAX_CACHE_DIR`` (default
-``~/.cache/loopjax``), keyed by the source, the compiler flags and jaxlib's version, and registers its
-handlers. It returns False, logging why, where there is no compiler or the build fails; "auto" then uses
+``~/.cache/loopjax``), keyed by the source, jaxlib's FFI headers, the compiler and flags, and the host, and
+registers its handlers. It returns False, logging why, where there is no compiler or the build fails; "auto" then uses
 "chunked". ``LOOPJAX_CPU_KERNEL=0`` turns the kernel off.
 """
 
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_flash.cc")
 _FWD, _BWD = "loopjax_flash_fwd", "loopjax_flash_bwd"
-# Tile sizes: a [BLOCK_Q, BLOCK_K] float32 tile and its transpose stay in L2 next to the q / k / v rows.
+# Tile sizes: the [BLOCK_Q, BLOCK_K] float32 scores and their gradient (64 KiB each) stay in L2 beside the
+# q / k / v rows they are made from.
 BLOCK_Q, BLOCK_K = 128, 128
 
 
