@@ -40,7 +40,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from loopjax.attention._checks import check_ids, check_qkv, check_segments, check_window
+from loopjax.attention._checks import check_inputs
 from loopjax.attention.reference import attention_probs, reference_attention
 from loopjax.config import ATTENTION_IMPLS as IMPLS
 from loopjax.partitioning import active_rules
@@ -170,16 +170,6 @@ def resolve_impl(impl: str, *, head_dim: int, q_len: int, kv_len: int, has_segme
     return chosen
 
 
-def _check_inputs(q_BSNH, k_BTKH, v_BTKH, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                  sliding_window) -> None:
-    check_qkv(q_BSNH, k_BTKH, v_BTKH)
-    (b, s), t = q_BSNH.shape[:2], k_BTKH.shape[1]
-    check_ids("q_positions", q_positions, (b, s))
-    check_ids("kv_positions", kv_positions, (b, t))
-    check_segments(q_segment_ids, kv_segment_ids, (b, s), (b, t))
-    check_window(sliding_window)
-
-
 def attend(q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *, q_positions: jax.Array,
            kv_positions: jax.Array, q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
            sliding_window: int | None = None, impl: str = "auto", scale: float | None = None,
@@ -190,7 +180,7 @@ def attend(q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *, q_positio
     kv_segment_ids [B, T]: optional segment ids (both or neither). impl: a backend of ``IMPLS``. scale: score
     scale (default H ** -0.5). interpret: run the Pallas kernel (splash) in interpret mode, for CPU tests.
     """
-    _check_inputs(q_BSNH, k_BTKH, v_BTKH, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window)
+    check_inputs(q_BSNH, k_BTKH, v_BTKH, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window)
     s, h, t = q_BSNH.shape[1], q_BSNH.shape[3], k_BTKH.shape[1]
     scale = h ** -0.5 if scale is None else scale
     has_seg = q_segment_ids is not None

@@ -47,3 +47,23 @@ def check_segments(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | 
         raise ValueError(f"{missing}=None: give both q_segment_ids and kv_segment_ids, or neither")
     check_ids("q_segment_ids", q_segment_ids, q_shape)
     check_ids("kv_segment_ids", kv_segment_ids, kv_shape)
+
+
+def check_inputs(q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, q_positions: jax.Array,
+                 kv_positions: jax.Array, q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+                 sliding_window: int | None,
+                 position_names: tuple[str, str] = ("q_positions", "kv_positions")) -> None:
+    """Every check of an attention call's arguments; ``position_names``: the caller's names of the two position
+    arrays, used in the errors."""
+    check_qkv(q_BSNH, k_BTKH, v_BTKH)
+    check_window(sliding_window)
+    (b, s), t = q_BSNH.shape[:2], k_BTKH.shape[1]
+    check_ids(position_names[0], q_positions, (b, s))
+    check_ids(position_names[1], kv_positions, (b, t))
+    check_segments(q_segment_ids, kv_segment_ids, (b, s), (b, t))
+
+
+def check_block(name: str, value: int) -> None:
+    """Raise unless the tile size ``name`` is a positive int."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name}={value!r}: must be a positive int")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from loopjax.attention._checks import check_ids, check_qkv, check_segments, check_window
+from loopjax.attention._checks import check_block, check_inputs
 
 # Up to this many (query block, key block) pairs run as straight-line code (static slices, no loops), so that
 # XLA:CPU can overlap the blocks' work; more pairs run as loops, whose program size does not grow with S.
@@ -57,18 +57,14 @@ def chunked_attention(
     and segment ids, across the batch) are skipped. Up to ``UNROLL_MAX_PAIRS`` block pairs run as straight-line
     code, more as loops. Reverse mode only (custom_vjp; no jvp).
     """
-    check_qkv(q_BSNH, k_BTKH, v_BTKH)
-    check_window(sliding_window)
+    check_inputs(q_BSNH, k_BTKH, v_BTKH, q_positions_BS, kv_positions_BT, q_segment_ids_BS, kv_segment_ids_BT,
+                 sliding_window, position_names=("q_positions_BS", "kv_positions_BT"))
     b, s, n, h = q_BSNH.shape
     t, kh = k_BTKH.shape[1], k_BTKH.shape[2]
-    check_ids("q_positions_BS", q_positions_BS, (b, s))
-    check_ids("kv_positions_BT", kv_positions_BT, (b, t))
-    check_segments(q_segment_ids_BS, kv_segment_ids_BT, (b, s), (b, t))
     dbq, dbk = default_blocks(s, t)
     bq, bk = block_q or dbq, block_k or dbk
-    for name, val in (("block_q", bq), ("block_k", bk)):
-        if val <= 0:
-            raise ValueError(f"{name}={val!r}: must be a positive int")
+    check_block("block_q", bq)
+    check_block("block_k", bk)
     scale = float(h**-0.5 if scale is None else scale)
     g = n // kh
     s_pad, t_pad = _round_up(s, bq), _round_up(t, bk)

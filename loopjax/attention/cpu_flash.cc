@@ -425,6 +425,10 @@ ffi::Error FlashBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 }  // namespace
 
+// The two bindings are written out: xla::ffi::Binding's move constructor is private, so a chain cannot be built
+// in a helper function and shared.
+
+// q, k, v, q / kv positions, q / kv segment ids -> out, lse
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopjaxFlashFwd, FlashFwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -443,6 +447,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopjaxFlashFwd, FlashFwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// q, k, v, out, lse, dout, q / kv positions, q / kv segment ids -> dq, dk, dv
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopjaxFlashBwd, FlashBwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

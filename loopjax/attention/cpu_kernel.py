@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopjax.attention._checks import check_ids, check_qkv, check_segments, check_window
+from loopjax.attention._checks import check_block, check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,14 @@ def _cache_dir() -> Path:
     return Path(root) / "ffi"
 
 
+def find_compiler() -> str | None:
+    """The C++ compiler the kernel is built with: ``$CXX``, else c++, g++ or clang++ on the PATH."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
 def _build() -> Path:
     """Compile cpu_flash.cc (cached); raises RuntimeError with the compiler's message on failure."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    cxx = find_compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
     include = jax.ffi.include_dir()
@@ -119,18 +124,14 @@ def cpu_flash_attention(
 ) -> jax.Array:
     """Masked softmax attention on XLA:CPU; arguments and result as ``chunked_attention`` (``block_q`` /
     ``block_k``: the kernel's tile). Needs ``available()``. Reverse mode only (custom_vjp)."""
-    check_qkv(q_BSNH, k_BTKH, v_BTKH)
-    check_window(sliding_window)
-    b, s, _, h = q_BSNH.shape
-    t = k_BTKH.shape[1]
-    check_ids("q_positions_BS", q_positions_BS, (b, s))
-    check_ids("kv_positions_BT", kv_positions_BT, (b, t))
-    check_segments(q_segment_ids_BS, kv_segment_ids_BT, (b, s), (b, t))
+    check_inputs(q_BSNH, k_BTKH, v_BTKH, q_positions_BS, kv_positions_BT, q_segment_ids_BS, kv_segment_ids_BT,
+                 sliding_window, position_names=("q_positions_BS", "kv_positions_BT"))
+    check_block("block_q", block_q)
+    check_block("block_k", block_k)
     if not available():
         raise RuntimeError("the CPU attention kernel is not available here (see the log); use chunked_attention")
-    for name, val in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(val, int) or val <= 0:
-            raise ValueError(f"{name}={val!r}: must be a positive int")
+    b, s, _, h = q_BSNH.shape
+    t = k_BTKH.shape[1]
     has_seg = q_segment_ids_BS is not None
     attrs = dict(scale=np.float32(h**-0.5 if scale is None else scale), window=np.int64(sliding_window or 0),
                  has_seg=has_seg, block_q=np.int64(block_q), block_k=np.int64(block_k))
